@@ -1,0 +1,57 @@
+"""Backend registry: which implementations exist, which are usable, and why not.
+
+A backend is a module with ``rows_forward``, ``symmetric_grad``, ``is_available``
+and ``why_unavailable`` (interface documented in ``backends/torch.py``).
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Dict, List
+
+import torch
+
+__all__ = ["BACKEND_NAMES", "get_backend", "available_backends", "backend_status", "resolve_backend"]
+
+# Preference order for backend="auto" on CUDA; "torch" is the universal fallback.
+BACKEND_NAMES = ("triton", "ext", "torch")
+_MODULES = {"triton": ".triton", "ext": ".ext", "torch": ".torch"}
+
+
+def get_backend(name: str):
+    """Import and return the backend module called ``name``."""
+    if name not in _MODULES:
+        raise ValueError(f"backend: unknown value {name!r}; valid values are auto, {', '.join(BACKEND_NAMES)}")
+    return importlib.import_module(_MODULES[name], __name__)
+
+
+def _status(name: str):
+    try:
+        mod = get_backend(name)
+    except Exception as exc:  # a backend module that fails to import is simply unavailable
+        return False, f"import failed: {exc!r}"
+    reason = mod.why_unavailable()
+    return (not reason), reason
+
+
+def backend_status() -> Dict[str, Dict[str, object]]:
+    """Each backend's availability in this process and, when unavailable, why."""
+    out = {}
+    for name in BACKEND_NAMES:
+        ok, reason = _status(name)
+        out[name] = {"available": ok, "reason": reason or "ok"}
+    return out
+
+
+def available_backends() -> List[str]:
+    """Names of the backends usable in this process, e.g. ``["triton", "torch"]``."""
+    return [name for name in BACKEND_NAMES if _status(name)[0]]
+
+
+def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
+    """Pick the concrete backend for ``backend=name`` on tensors of ``device``/``dtype``."""
+    if name != "auto":
+        get_backend(name)  # validates the name
+        return name
+    if device.type == "cuda" and dtype != torch.float64 and _status("triton")[0]:
+        return "triton"
+    return "torch"

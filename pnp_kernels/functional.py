@@ -11,7 +11,7 @@ import numbers
 import torch
 import torch.nn.functional as F
 
-from .autograd import PNPFunction
+from .autograd import pnp_rows
 from .backends import BACKEND_NAMES, resolve_backend
 from .grouping import group_labels
 from .variants import resolve_variant
@@ -119,7 +119,7 @@ def pnp_loss(
             X = F.normalize(X, p=2, dim=1)
         groups = group_labels(labels)
         compute_grad = torch.is_grad_enabled() and X.requires_grad
-        per_query = PNPFunction.apply(
+        per_query = pnp_rows(
             X, groups.perm, groups.inv_perm, groups.lo, groups.hi, v, anneal, alpha, b, name, compute_grad
         )
         zero = torch.zeros_like(per_query)

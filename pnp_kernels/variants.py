@@ -23,7 +23,7 @@ from typing import Callable, Dict, Tuple
 
 import torch
 
-__all__ = ["Variant", "VARIANTS", "resolve_variant", "variant_names"]
+__all__ = ["Variant", "VARIANTS", "resolve_variant", "variant_names", "variant_by_code"]
 
 
 def _ib_f(R: torch.Tensor, alpha: float, b: float) -> torch.Tensor:
@@ -94,3 +94,11 @@ def resolve_variant(variant) -> Variant:
     raise ValueError(
         f"variant: unknown value {variant!r}; valid values are {', '.join(variant_names())}"
     )
+
+
+_BY_CODE: Dict[int, Variant] = {v.code: v for v in VARIANTS.values()}
+
+
+def variant_by_code(code: int) -> Variant:
+    """The table row whose kernel constant is ``code``."""
+    return _BY_CODE[int(code)]

@@ -223,6 +223,50 @@ def determinism(device, B, D):
     return ok
 
 
+def profile_step(device):
+    """Where one B = 384 step spends host time, its kernel count, and its time under a CUDA graph."""
+    import triton.testing
+    from torch.profiler import ProfilerActivity, profile
+
+    gen = torch.Generator().manual_seed(5)
+    E, y = make_batch(384, 512, 4, device, gen)
+    E.requires_grad_()
+
+    def step():
+        pnp_loss(E, y, variant="Dq").backward()
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    n = 200
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step()
+    host_us = (time.perf_counter() - t0) / n * 1e6
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    log(f"  host time per fwd+bwd call (no sync): {host_us:.1f} us; GPU kernels per step: {len(kernels) / 5:.1f}")
+    log(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=22))
+    # the same step captured in a CUDA graph: GPU time without launch gaps
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            E.grad = None
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    E.grad = None
+    with torch.cuda.graph(graph):
+        step()
+    ms = triton.testing.do_bench(graph.replay, warmup=25, rep=100, return_mode="median")
+    log(f"  B=384 fwd+bwd replayed from a CUDA graph: {ms * 1000:.1f} us")
+    return True
+
+
 def bench_table(device, Bs, P, D=512, with_ref=True, with_compiled=False, quick=False):
     import triton.testing
 
@@ -343,6 +387,8 @@ def main():
             section("graph", lambda: cuda_graph_step(device), results)
         if "determinism" not in skip:
             section("determinism", lambda: determinism(device, 2048, 512), results)
+        if "profile" not in skip:
+            section("profile", lambda: profile_step(device), results)
         tables = {}
         if "bench" not in skip:
             def bench():

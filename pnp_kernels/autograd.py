@@ -1,80 +1,95 @@
 """The autograd glue shared by every backend: one forward, one backward.
 
-Forward (in label-sorted order, so that each query's positives are one segment):
+Forward, in label-sorted order so that each query's positives are one segment:
 
-    Xs = X[perm];  S = Xs Xs^T (GEMM, float32 or float64 accumulate and output)
-    per_row, G = backend.rows_forward(S, lo, hi, ...)      G = d per_row / dS, row-wise
+    prep = prepare(E, labels)        sort, segments [lo, hi), Xs = normalise(E[perm])
+    S = Xs Xs^T                      GEMM, float32 (float64 for float64 input)
+    per_row, G = rows_forward(S, lo, hi, ...)       G[p, :] = d per_row[p] / d S[p, :]
+    out = finalize(per_row)          "mean" scalar or "none" vector
 
-Backward, with g the incoming gradient of the per-query losses:
+Backward, with g_p = d out / d per_row[p] times the upstream gradient:
 
-    H = diag(g) G + (diag(g) G)^T          (S = Xs Xs^T is symmetric in Xs)
-    dXs = H Xs;   dX = dXs[inv_perm]
+    H = diag(g) G + (diag(g) G)^T    (S = Xs Xs^T is symmetric in Xs)
+    dXs = H Xs;  dE = unprepare(dXs) back through the normalisation and the sort
 
 G is computed inside the forward kernel when a gradient is needed (one more pass
-over the negatives there, instead of two in a separate backward), and S is freed
-before the forward returns, so at most two B x B buffers live at once. Autocast
-is switched off inside: similarities are accumulated and kept in full precision.
+over the negatives there instead of two in a separate backward), and S is freed
+before the forward returns, so at most two B x B buffers live at once. Each
+stage is the backend's own when it has one (the Triton backend fuses them into
+single kernels), else the PyTorch version in ``pipeline.py``. Autocast is off
+inside: similarities are accumulated and kept in full precision.
 
 Two wrappers call the same ``forward_impl``/``backward_impl``:
 - ``PNPFunction`` (torch.autograd.Function) in eager mode: the lowest overhead;
-- the torch.library custom ops ``pnp_kernels::pnp_rows`` / ``pnp_rows_backward``
-  while torch.compile traces, so that compiled graphs hold one opaque op each and
-  need no graph break (the torch backend plans its chunks on the host).
+- the torch.library custom ops ``pnp_kernels::pnp_loss_fwd`` / ``pnp_loss_bwd``
+  while torch.compile traces, so a compiled graph holds one opaque op each way and
+  needs no graph break (the torch backend plans its chunks on the host).
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import List
 
 import torch
 
+from . import pipeline
 from .backends import get_backend
 from .variants import Variant, variant_by_code
 
-__all__ = ["PNPFunction", "forward_impl", "backward_impl", "pnp_rows", "is_compiling"]
+__all__ = ["PNPFunction", "forward_impl", "backward_impl", "pnp_apply", "is_compiling"]
 
 
-def forward_impl(X, perm, inv_perm, lo, hi, variant: Variant, anneal, alpha, b, backend: str, compute_grad: bool):
-    """Per-query losses (original order), and what backward needs: Xs = X[perm] and G."""
+def _stage(impl, name):
+    return getattr(impl, name, None) or getattr(pipeline, name)
+
+
+def forward_impl(E, labels, variant: Variant, anneal, alpha, b, cosine: bool, mean: bool, backend: str,
+                 compute_grad: bool):
+    """Returns (output, prep, n_valid, G); prep/n_valid/G are what backward needs."""
     impl = get_backend(backend)
-    with torch.autocast(device_type=X.device.type, enabled=False):
-        Xs = X.index_select(0, perm)
-        S = torch.mm(Xs, Xs.t())
-        per_row, G = impl.rows_forward(S, lo, hi, variant, anneal, alpha, b, compute_grad)
+    compute_dtype = torch.float64 if E.dtype == torch.float64 else torch.float32
+    with torch.autocast(device_type=E.device.type, enabled=False):
+        prep = _stage(impl, "prepare")(E, labels, cosine, compute_dtype)
+        S = torch.mm(prep.Xs, prep.Xs.t())
+        per_row, G = impl.rows_forward(S, prep.lo, prep.hi, variant, anneal, alpha, b, compute_grad)
         del S
-        return per_row.index_select(0, inv_perm), Xs, G
+        out, n_valid = _stage(impl, "finalize")(per_row, prep, variant.one_minus, mean)
+    return out, prep, n_valid, G
 
 
-def backward_impl(grad_rows, Xs, G, perm, inv_perm, backend: str):
-    """dL/dX from the per-query upstream gradient."""
+def backward_impl(grad_out, prep, n_valid, G, one_minus: bool, cosine: bool, mean: bool, out_dtype, backend: str):
+    """dL/dE from the upstream gradient of the output."""
     impl = get_backend(backend)
-    with torch.autocast(device_type=Xs.device.type, enabled=False):
-        g_sorted = grad_rows.to(G.dtype).index_select(0, perm)
-        H = impl.symmetric_grad(G, g_sorted)
-        return torch.mm(H, Xs).index_select(0, inv_perm)
+    with torch.autocast(device_type=G.device.type, enabled=False):
+        H = _stage(impl, "symmetric_grad_from")(impl, G, grad_out, prep, n_valid, one_minus, mean)
+        dXs = torch.mm(H, prep.Xs)
+        del H
+        return _stage(impl, "unprepare")(dXs, prep, cosine, out_dtype)
+
+
+_NO_GRAD_MSG = ("pnp_loss: backward through a forward that was computed without gradient; "
+                "call pnp_loss with grad enabled and embeddings that require grad")
 
 
 class PNPFunction(torch.autograd.Function):
-    """Per-query PNP losses (original order) of float32/float64 embeddings X."""
+    """The PNP loss of embeddings E (any float dtype) given int64 labels."""
 
     @staticmethod
-    def forward(ctx, X, perm, inv_perm, lo, hi, variant: Variant, anneal, alpha, b, backend: str, compute_grad: bool):
-        per_query, Xs, G = forward_impl(X, perm, inv_perm, lo, hi, variant, anneal, alpha, b, backend, compute_grad)
-        ctx.backend = backend
-        ctx.compute_grad = compute_grad
+    def forward(ctx, E, labels, variant: Variant, anneal, alpha, b, cosine, mean, backend, compute_grad):
+        out, prep, n_valid, G = forward_impl(E, labels, variant, anneal, alpha, b, cosine, mean, backend,
+                                             compute_grad)
+        ctx.meta = (variant.one_minus, cosine, mean, E.dtype, backend, compute_grad)
         if compute_grad:
-            ctx.save_for_backward(Xs, G, perm, inv_perm)
-        return per_query
+            ctx.save_for_backward(*prep, n_valid, G)
+        return out
 
     @staticmethod
-    def backward(ctx, grad_rows):
-        if not ctx.compute_grad:
-            raise RuntimeError(
-                "pnp_loss: backward through a forward that was computed without gradient; "
-                "call pnp_loss with grad enabled and embeddings that require grad"
-            )
-        Xs, G, perm, inv_perm = ctx.saved_tensors
-        dX = backward_impl(grad_rows, Xs, G, perm, inv_perm, ctx.backend)
-        return dX, None, None, None, None, None, None, None, None, None, None
+    def backward(ctx, grad_out):
+        one_minus, cosine, mean, out_dtype, backend, compute_grad = ctx.meta
+        if not compute_grad:
+            raise RuntimeError(_NO_GRAD_MSG)
+        *prep, n_valid, G = ctx.saved_tensors
+        dE = backward_impl(grad_out, pipeline.Prep(*prep), n_valid, G, one_minus, cosine, mean, out_dtype, backend)
+        return dE, None, None, None, None, None, None, None, None, None
 
 
 def is_compiling() -> bool:
@@ -84,57 +99,56 @@ def is_compiling() -> bool:
 
 # ---- torch.library custom ops: the same computation, opaque to torch.compile ----
 
-@torch.library.custom_op("pnp_kernels::pnp_rows", mutates_args=())
-def _pnp_rows_op(
-    X: torch.Tensor, perm: torch.Tensor, inv_perm: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
-    variant_code: int, anneal: float, alpha: float, b: float, backend: str, compute_grad: bool,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    per_query, Xs, G = forward_impl(X, perm, inv_perm, lo, hi, variant_by_code(variant_code),
-                                    anneal, alpha, b, backend, compute_grad)
-    return per_query, Xs, (G if G is not None else X.new_empty(0))
+@torch.library.custom_op("pnp_kernels::pnp_loss_fwd", mutates_args=())
+def _fwd_op(E: torch.Tensor, labels: torch.Tensor, variant_code: int, anneal: float, alpha: float, b: float,
+            cosine: bool, mean: bool, backend: str, compute_grad: bool) -> List[torch.Tensor]:
+    out, prep, n_valid, G = forward_impl(E, labels, variant_by_code(variant_code), anneal, alpha, b, cosine, mean,
+                                         backend, compute_grad)
+    return [out, *prep, n_valid, G if G is not None else prep.Xs.new_empty(0)]
 
 
-@_pnp_rows_op.register_fake
-def _pnp_rows_fake(X, perm, inv_perm, lo, hi, variant_code, anneal, alpha, b, backend, compute_grad):
-    n = X.shape[0]
-    G = X.new_empty(n, n) if compute_grad else X.new_empty(0)
-    return X.new_empty(n), X.new_empty(X.shape), G
+@_fwd_op.register_fake
+def _fwd_fake(E, labels, variant_code, anneal, alpha, b, cosine, mean, backend, compute_grad):
+    n = E.shape[0]
+    dt = torch.float64 if E.dtype == torch.float64 else torch.float32
+    new = lambda *shape, dtype=dt: E.new_empty(shape, dtype=dtype)  # noqa: E731
+    return [new() if mean else new(n), new(*E.shape), new(n, dtype=torch.int64), new(n, dtype=torch.int32),
+            new(n, dtype=torch.int32), new(n) if cosine else new(0), new(), new(n, n) if compute_grad else new(0)]
 
 
-@torch.library.custom_op("pnp_kernels::pnp_rows_backward", mutates_args=())
-def _pnp_rows_backward_op(
-    grad_rows: torch.Tensor, Xs: torch.Tensor, G: torch.Tensor, perm: torch.Tensor, inv_perm: torch.Tensor,
-    backend: str,
-) -> torch.Tensor:
-    return backward_impl(grad_rows, Xs, G, perm, inv_perm, backend)
+@torch.library.custom_op("pnp_kernels::pnp_loss_bwd", mutates_args=())
+def _bwd_op(grad_out: torch.Tensor, Xs: torch.Tensor, perm: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+            denom: torch.Tensor, n_valid: torch.Tensor, G: torch.Tensor, one_minus: bool, cosine: bool, mean: bool,
+            out_dtype: torch.dtype, backend: str) -> torch.Tensor:
+    prep = pipeline.Prep(Xs, perm, lo, hi, denom)
+    return backward_impl(grad_out, prep, n_valid, G, one_minus, cosine, mean, out_dtype, backend)
 
 
-@_pnp_rows_backward_op.register_fake
-def _pnp_rows_backward_fake(grad_rows, Xs, G, perm, inv_perm, backend):
-    return Xs.new_empty(Xs.shape)
+@_bwd_op.register_fake
+def _bwd_fake(grad_out, Xs, perm, lo, hi, denom, n_valid, G, one_minus, cosine, mean, out_dtype, backend):
+    return Xs.new_empty(Xs.shape, dtype=out_dtype)
 
 
 def _setup_context(ctx, inputs, output):
-    X, perm, inv_perm, lo, hi, variant_code, anneal, alpha, b, backend, compute_grad = inputs
-    _, Xs, G = output
-    ctx.backend = backend
-    ctx.compute_grad = compute_grad
-    ctx.save_for_backward(Xs, G, perm, inv_perm)
+    E, labels, variant_code, anneal, alpha, b, cosine, mean, backend, compute_grad = inputs
+    ctx.meta = (variant_by_code(variant_code).one_minus, cosine, mean, E.dtype, backend, compute_grad)
+    ctx.save_for_backward(*output[1:])
 
 
-def _backward(ctx, grad_rows, grad_Xs, grad_G):
-    if not ctx.compute_grad:
-        raise RuntimeError("pnp_loss: backward through a forward that was computed without gradient")
-    Xs, G, perm, inv_perm = ctx.saved_tensors
-    dX = _pnp_rows_backward_op(grad_rows.contiguous(), Xs, G, perm, inv_perm, ctx.backend)
-    return dX, None, None, None, None, None, None, None, None, None, None
+def _backward(ctx, grads):
+    one_minus, cosine, mean, out_dtype, backend, compute_grad = ctx.meta
+    if not compute_grad:
+        raise RuntimeError(_NO_GRAD_MSG)
+    dE = _bwd_op(grads[0].contiguous(), *ctx.saved_tensors, one_minus, cosine, mean, out_dtype, backend)
+    return dE, None, None, None, None, None, None, None, None, None
 
 
-_pnp_rows_op.register_autograd(_backward, setup_context=_setup_context)
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def pnp_rows(X, perm, inv_perm, lo, hi, variant: Variant, anneal, alpha, b, backend: str, compute_grad: bool):
-    """Per-query losses of X, through the custom op when compiling, else the autograd.Function."""
+def pnp_apply(E, labels, variant: Variant, anneal, alpha, b, cosine: bool, mean: bool, backend: str,
+              compute_grad: bool):
+    """The loss, through the custom op when compiling, else the autograd.Function."""
     if is_compiling():
-        return _pnp_rows_op(X, perm, inv_perm, lo, hi, variant.code, anneal, alpha, b, backend, compute_grad)[0]
-    return PNPFunction.apply(X, perm, inv_perm, lo, hi, variant, anneal, alpha, b, backend, compute_grad)
+        return _fwd_op(E, labels, variant.code, anneal, alpha, b, cosine, mean, backend, compute_grad)[0]
+    return PNPFunction.apply(E, labels, variant, anneal, alpha, b, cosine, mean, backend, compute_grad)

@@ -9,11 +9,9 @@ import math
 import numbers
 
 import torch
-import torch.nn.functional as F
 
-from .autograd import pnp_rows
+from .autograd import pnp_apply
 from .backends import BACKEND_NAMES, resolve_backend
-from .grouping import group_labels
 from .variants import resolve_variant
 
 __all__ = ["pnp_loss", "SIMILARITIES", "REDUCTIONS"]
@@ -107,26 +105,13 @@ def pnp_loss(
     b = _check_positive("b", b)
     _validate(embeddings, labels, similarity, reduction, backend)
 
-    X = embeddings if embeddings.dtype == torch.float64 else embeddings.float()
-    name = resolve_backend(backend, X.device, X.dtype)
-    if name == "triton" and X.dtype == torch.float64:
+    name = resolve_backend(backend, embeddings.device, embeddings.dtype)
+    if name == "triton" and embeddings.dtype == torch.float64:
         raise TypeError("embeddings: backend='triton' computes in float32; use backend='torch' for float64")
-    if labels.device != X.device:
-        labels = labels.to(X.device)
-
-    with torch.autocast(device_type=X.device.type, enabled=False):
-        if similarity == "cosine":
-            X = F.normalize(X, p=2, dim=1)
-        groups = group_labels(labels)
-        compute_grad = torch.is_grad_enabled() and X.requires_grad
-        per_query = pnp_rows(
-            X, groups.perm, groups.inv_perm, groups.lo, groups.hi, v, anneal, alpha, b, name, compute_grad
-        )
-        zero = torch.zeros_like(per_query)
-        if v.one_minus:
-            per_query = 1.0 - per_query
-        per_query = torch.where(groups.valid, per_query, zero)
-        if reduction == "none":
-            return per_query
-        n_valid = groups.valid.sum()
-        return per_query.sum() / n_valid.clamp(min=1).to(per_query.dtype)
+    if labels.device != embeddings.device:
+        labels = labels.to(embeddings.device)
+    if labels.dtype != torch.int64:
+        labels = labels.to(torch.int64)
+    compute_grad = torch.is_grad_enabled() and embeddings.requires_grad
+    return pnp_apply(embeddings, labels, v, anneal, alpha, b, similarity == "cosine", reduction == "mean", name,
+                     compute_grad)

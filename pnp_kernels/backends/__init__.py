@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 from typing import Dict, List
 
-import torch
+import torch as _torch
 
 __all__ = ["BACKEND_NAMES", "get_backend", "available_backends", "backend_status", "resolve_backend"]
 
@@ -24,7 +24,17 @@ def get_backend(name: str):
     return importlib.import_module(_MODULES[name], __name__)
 
 
+_STATUS_CACHE: Dict[str, tuple] = {}
+
+
 def _status(name: str):
+    """(available, reason) of a backend; computed once per process (availability is static)."""
+    if name not in _STATUS_CACHE:
+        _STATUS_CACHE[name] = _compute_status(name)
+    return _STATUS_CACHE[name]
+
+
+def _compute_status(name: str):
     try:
         mod = get_backend(name)
     except Exception as exc:  # a backend module that fails to import is simply unavailable
@@ -47,11 +57,11 @@ def available_backends() -> List[str]:
     return [name for name in BACKEND_NAMES if _status(name)[0]]
 
 
-def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
+def resolve_backend(name: str, device: _torch.device, dtype: _torch.dtype) -> str:
     """Pick the concrete backend for ``backend=name`` on tensors of ``device``/``dtype``."""
     if name != "auto":
         get_backend(name)  # validates the name
         return name
-    if device.type == "cuda" and dtype != torch.float64 and _status("triton")[0]:
+    if device.type == "cuda" and dtype != _torch.float64 and _status("triton")[0]:
         return "triton"
     return "torch"

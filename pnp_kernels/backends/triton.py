@@ -29,6 +29,7 @@ import os
 
 import torch
 
+from ..pipeline import NORM_EPS, Prep
 from ..variants import Variant
 
 try:  # triton is optional at import time (e.g. macOS, or a broken install)
@@ -41,7 +42,8 @@ except Exception as exc:  # pragma: no cover - depends on the environment
     tl = None
     _IMPORT_ERROR = f"triton failed to import: {exc!r}"
 
-__all__ = ["rows_forward", "symmetric_grad", "is_available", "why_unavailable", "interpreter_active"]
+__all__ = ["prepare", "rows_forward", "finalize", "symmetric_grad", "symmetric_grad_from", "unprepare",
+           "is_available", "why_unavailable", "interpreter_active"]
 
 _LOG2E = 1.4426950408889634
 
@@ -101,6 +103,53 @@ if triton is not None:
         return f, df
 
     @triton.jit
+    def _pnp_chunk(
+        s_row, g_row, lo, hi, p0, n_cols, scale, inv_tau, inv_cnt, alpha, b,
+        VARIANT: tl.constexpr, COMPUTE_GRAD: tl.constexpr, ACCUMULATE: tl.constexpr,
+        BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """Positives [p0, p0 + BLOCK_P) of one row: returns sum_j f(R_pj); writes/accumulates G."""
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        pmask = offs_p < hi
+        offs_k0 = tl.arange(0, BLOCK_K)
+        s_j = tl.load(s_row + offs_p, mask=pmask, other=0.0)
+        # pass 1: R_pj = sum over negatives k of sigmoid((S_pk - S_pj) / tau) = 1 / (1 + 2^z)
+        R = tl.zeros([BLOCK_P], dtype=tl.float32)
+        for k0 in range(0, n_cols, BLOCK_K):
+            offs_k = k0 + offs_k0
+            kmask = offs_k < n_cols
+            neg = kmask & ((offs_k < lo) | (offs_k >= hi))
+            s_k = tl.load(s_row + offs_k, mask=kmask, other=0.0)
+            z = tl.minimum((s_j[:, None] - s_k[None, :]) * scale, 100.0)
+            sig = 1.0 / (1.0 + tl.exp2(z))
+            R += tl.sum(tl.where(neg[None, :], sig, 0.0), axis=1)
+        f, df = _variant_f_df(R, alpha, b, VARIANT)
+        loss = tl.sum(tl.where(pmask, f, 0.0), axis=0)
+        if COMPUTE_GRAD:
+            # pass 2: sigma' = 2^z sigma^2 (exact in both tails), c_j = f'(R_pj) / |P_p|
+            coef = tl.where(pmask, df * inv_cnt, 0.0)
+            T = tl.zeros([BLOCK_P], dtype=tl.float32)
+            if ACCUMULATE:
+                tl.debug_barrier()  # earlier chunks' stores to this row land before we read them
+            for k0 in range(0, n_cols, BLOCK_K):
+                offs_k = k0 + offs_k0
+                kmask = offs_k < n_cols
+                neg = kmask & ((offs_k < lo) | (offs_k >= hi))
+                s_k = tl.load(s_row + offs_k, mask=kmask, other=0.0)
+                z = tl.minimum((s_j[:, None] - s_k[None, :]) * scale, 100.0)
+                e = tl.exp2(z)
+                sig = 1.0 / (1.0 + e)
+                sp = tl.where(neg[None, :], e * sig * sig, 0.0)
+                T += tl.sum(sp, axis=1)
+                g_k = tl.sum(coef[:, None] * sp, axis=0) * inv_tau  # G_pk, negatives k; 0 elsewhere
+                if ACCUMULATE:
+                    g_k += tl.load(g_row + offs_k, mask=kmask, other=0.0)
+                tl.store(g_row + offs_k, g_k, mask=kmask)
+            tl.debug_barrier()  # the zeros just stored at these positive columns land first
+            tl.store(g_row + offs_p, -coef * T * inv_tau, mask=pmask)  # G_pj, positives j
+        return loss
+
+    @triton.jit
     def _pnp_fwd_kernel(
         S_ptr, stride_s,
         lo_ptr, hi_ptr,
@@ -110,96 +159,231 @@ if triton is not None:
         scale, inv_tau, alpha, b,
         VARIANT: tl.constexpr,
         COMPUTE_GRAD: tl.constexpr,
-        BLOCK_P: tl.constexpr,
-        BLOCK_K: tl.constexpr,
+        TILE: tl.constexpr,
     ):
+        # One program per query row. The positive-tile width is picked per row from its class
+        # size (2-4, 5-8, more: chunks of 16), so no host sync is needed to size the launch
+        # and small classes are not padded to the largest one. Each tier keeps the
+        # (BLOCK_P x BLOCK_K) tile at TILE elements.
         row = tl.program_id(0).to(tl.int64)
         lo = tl.load(lo_ptr + row)
         hi = tl.load(hi_ptr + row)
         cnt = hi - lo
         s_row = S_ptr + row * stride_s
         g_row = G_ptr + row * stride_g
-        offs_p0 = tl.arange(0, BLOCK_P)
-        offs_k0 = tl.arange(0, BLOCK_K)
         inv_cnt = 1.0 / tl.maximum(cnt, 1).to(tl.float32)
-        # A query whose only positive is itself is dropped: no chunks, loss 0.
-        n_chunks = tl.where(cnt >= 2, tl.cdiv(cnt, BLOCK_P), 0)
-        loss_acc = tl.zeros([BLOCK_P], dtype=tl.float32)
-        for c in range(0, n_chunks):
-            offs_p = lo + c * BLOCK_P + offs_p0
-            pmask = offs_p < hi
-            s_j = tl.load(s_row + offs_p, mask=pmask, other=0.0)
-            R = tl.zeros([BLOCK_P], dtype=tl.float32)
-            for k0 in range(0, n_cols, BLOCK_K):
-                offs_k = k0 + offs_k0
-                kmask = offs_k < n_cols
-                neg = kmask & ((offs_k < lo) | (offs_k >= hi))
-                s_k = tl.load(s_row + offs_k, mask=kmask, other=0.0)
-                z = tl.minimum((s_j[:, None] - s_k[None, :]) * scale, 100.0)
-                sig = 1.0 / (1.0 + tl.exp2(z))
-                R += tl.sum(tl.where(neg[None, :], sig, 0.0), axis=1)
-            f, df = _variant_f_df(R, alpha, b, VARIANT)
-            loss_acc += tl.where(pmask, f, 0.0)
+        loss = 0.0
+        if cnt < 2:
+            # A query whose only positive is itself is dropped: loss 0, its row of G zero.
             if COMPUTE_GRAD:
-                coef = tl.where(pmask, df * inv_cnt, 0.0)
-                T = tl.zeros([BLOCK_P], dtype=tl.float32)
-                # Earlier chunks' stores to this row must land before we read them back.
-                tl.debug_barrier()
-                for k0 in range(0, n_cols, BLOCK_K):
-                    offs_k = k0 + offs_k0
-                    kmask = offs_k < n_cols
-                    neg = kmask & ((offs_k < lo) | (offs_k >= hi))
-                    s_k = tl.load(s_row + offs_k, mask=kmask, other=0.0)
-                    z = tl.minimum((s_j[:, None] - s_k[None, :]) * scale, 100.0)
-                    e = tl.exp2(z)
-                    sig = 1.0 / (1.0 + e)
-                    sp = tl.where(neg[None, :], e * sig * sig, 0.0)
-                    T += tl.sum(sp, axis=1)
-                    g_k = tl.sum(coef[:, None] * sp, axis=0) * inv_tau
-                    g_k += tl.load(g_row + offs_k, mask=kmask & (c > 0), other=0.0)
-                    tl.store(g_row + offs_k, g_k, mask=kmask)
-                # The zeros just stored at this chunk's positive columns must land first.
-                tl.debug_barrier()
-                tl.store(g_row + offs_p, -coef * T * inv_tau, mask=pmask)
-        tl.store(loss_ptr + row, tl.sum(loss_acc, axis=0) * inv_cnt)
-        if COMPUTE_GRAD:
-            # Dropped rows still own their row of G: zero it.
-            n_zero = tl.where(cnt >= 2, 0, n_cols)
-            for k0 in range(0, n_zero, BLOCK_K):
-                offs_k = k0 + offs_k0
-                tl.store(g_row + offs_k, tl.zeros([BLOCK_K], dtype=tl.float32), mask=offs_k < n_cols)
+                for k0 in range(0, n_cols, TILE):
+                    offs = k0 + tl.arange(0, TILE)
+                    tl.store(g_row + offs, tl.zeros([TILE], dtype=tl.float32), mask=offs < n_cols)
+        elif cnt <= 4:
+            loss = _pnp_chunk(s_row, g_row, lo, hi, lo, n_cols, scale, inv_tau, inv_cnt, alpha, b,
+                              VARIANT, COMPUTE_GRAD, False, 4, TILE // 4)
+        elif cnt <= 8:
+            loss = _pnp_chunk(s_row, g_row, lo, hi, lo, n_cols, scale, inv_tau, inv_cnt, alpha, b,
+                              VARIANT, COMPUTE_GRAD, False, 8, TILE // 8)
+        else:
+            loss = _pnp_chunk(s_row, g_row, lo, hi, lo, n_cols, scale, inv_tau, inv_cnt, alpha, b,
+                              VARIANT, COMPUTE_GRAD, False, 16, TILE // 16)
+            for p0 in range(lo + 16, hi, 16):
+                loss += _pnp_chunk(s_row, g_row, lo, hi, p0, n_cols, scale, inv_tau, inv_cnt, alpha, b,
+                                   VARIANT, COMPUTE_GRAD, True, 16, TILE // 16)
+        tl.store(loss_ptr + row, loss * inv_cnt)
+
+    @triton.jit
+    def _row_weights(g_ptr, g_stride, perm_ptr, n_valid_ptr, sign, offs, mask, MODE: tl.constexpr):
+        # MODE 0: g[p * stride]; 1: sign * g[perm[p]] ("none"); 2: sign * g[0] / max(n_valid, 1) ("mean")
+        if MODE == 0:
+            g = tl.load(g_ptr + offs * g_stride, mask=mask, other=0.0)
+        elif MODE == 1:
+            src = tl.load(perm_ptr + offs, mask=mask, other=0)
+            g = sign * tl.load(g_ptr + src, mask=mask, other=0.0)
+        else:
+            scale = sign * tl.load(g_ptr) / tl.maximum(tl.load(n_valid_ptr), 1.0)
+            g = tl.where(mask, scale, 0.0)
+        return g
 
     @triton.jit
     def _symmetric_grad_kernel(
-        G_ptr, stride_g, g_ptr, H_ptr, stride_h, n,
-        BLOCK: tl.constexpr,
+        G_ptr, stride_g, H_ptr, stride_h, n,
+        g_ptr, g_stride, perm_ptr, n_valid_ptr, sign,
+        MODE: tl.constexpr, BLOCK: tl.constexpr,
     ):
-        # H[a, b] = g_a G[a, b] + g_b G[b, a]
+        # H[a, b] = g_a G[a, b] + g_b G[b, a]: the gradient of S = X X^T folded onto one factor.
         pid_a = tl.program_id(0)
         pid_b = tl.program_id(1)
-        offs_a = (pid_a * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
-        offs_b = (pid_b * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+        offs_a = pid_a * BLOCK + tl.arange(0, BLOCK)
+        offs_b = pid_b * BLOCK + tl.arange(0, BLOCK)
         ma = offs_a < n
         mb = offs_b < n
         m2 = ma[:, None] & mb[None, :]
-        g_a = tl.load(g_ptr + offs_a, mask=ma, other=0.0)
-        g_b = tl.load(g_ptr + offs_b, mask=mb, other=0.0)
-        G_ab = tl.load(G_ptr + offs_a[:, None] * stride_g + offs_b[None, :], mask=m2, other=0.0)
-        G_ba = tl.load(G_ptr + offs_b[None, :] * stride_g + offs_a[:, None], mask=m2, other=0.0)
+        g_a = _row_weights(g_ptr, g_stride, perm_ptr, n_valid_ptr, sign, offs_a, ma, MODE)
+        g_b = _row_weights(g_ptr, g_stride, perm_ptr, n_valid_ptr, sign, offs_b, mb, MODE)
+        a64 = offs_a.to(tl.int64)
+        b64 = offs_b.to(tl.int64)
+        G_ab = tl.load(G_ptr + a64[:, None] * stride_g + b64[None, :], mask=m2, other=0.0)
+        G_ba = tl.load(G_ptr + b64[None, :] * stride_g + a64[:, None], mask=m2, other=0.0)
         H = g_a[:, None] * G_ab + g_b[None, :] * G_ba
-        tl.store(H_ptr + offs_a[:, None] * stride_h + offs_b[None, :], H, mask=m2)
+        tl.store(H_ptr + a64[:, None] * stride_h + b64[None, :], H, mask=m2)
+
+    @triton.jit
+    def _gather_normalize(E_ptr, stride_er, stride_ec, Xs_ptr, denom_ptr, src, dst, rmask, D, eps,
+                          COSINE: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Xs[dst] = E[src] / max(||E[src]||, eps) (or E[src] for "dot"), in float32."""
+        e_rows = E_ptr + src.to(tl.int64)[:, None] * stride_er
+        x_rows = Xs_ptr + dst.to(tl.int64)[:, None] * D
+        offs_d0 = tl.arange(0, BLOCK_D)
+        if COSINE:
+            sq = tl.zeros([src.shape[0]], dtype=tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                offs_d = d0 + offs_d0
+                m = rmask[:, None] & (offs_d < D)[None, :]
+                x = tl.load(e_rows + offs_d[None, :] * stride_ec, mask=m, other=0.0).to(tl.float32)
+                sq += tl.sum(x * x, axis=1)
+            denom = tl.maximum(tl.sqrt(sq), eps)
+            tl.store(denom_ptr + dst, denom, mask=rmask)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + offs_d0
+            m = rmask[:, None] & (offs_d < D)[None, :]
+            x = tl.load(e_rows + offs_d[None, :] * stride_ec, mask=m, other=0.0).to(tl.float32)
+            if COSINE:
+                x = x / denom[:, None]
+            tl.store(x_rows + offs_d[None, :], x, mask=m)
+
+    @triton.jit
+    def _prep_count_kernel(
+        labels_ptr, perm_ptr, E_ptr, stride_er, stride_ec, Xs_ptr, lo_ptr, hi_ptr, denom_ptr,
+        n, D, eps,
+        COSINE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        # Small batches: a stable sort by counting, fused with the gather. For original row i,
+        # its sorted position is #{y_j < y_i} + #{j < i: y_j = y_i}, its class segment starts
+        # at #{y_j < y_i} and holds #{y_j = y_i} rows. O(B^2) compares, one launch, no sort.
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        rmask = rows < n
+        key = tl.load(labels_ptr + rows, mask=rmask, other=0)
+        less = tl.zeros([BLOCK_R], dtype=tl.int32)
+        same = tl.zeros([BLOCK_R], dtype=tl.int32)
+        before = tl.zeros([BLOCK_R], dtype=tl.int32)
+        for j0 in range(0, n, BLOCK_J):
+            cols = j0 + tl.arange(0, BLOCK_J)
+            cmask = cols < n
+            y = tl.load(labels_ptr + cols, mask=cmask, other=0)
+            lt = cmask[None, :] & (y[None, :] < key[:, None])
+            eq = cmask[None, :] & (y[None, :] == key[:, None])
+            less += tl.sum(lt.to(tl.int32), axis=1)
+            same += tl.sum(eq.to(tl.int32), axis=1)
+            before += tl.sum((eq & (cols[None, :] < rows[:, None])).to(tl.int32), axis=1)
+        pos = less + before
+        tl.store(perm_ptr + pos, rows.to(tl.int64), mask=rmask)
+        tl.store(lo_ptr + pos, less, mask=rmask)
+        tl.store(hi_ptr + pos, less + same, mask=rmask)
+        _gather_normalize(E_ptr, stride_er, stride_ec, Xs_ptr, denom_ptr, rows, pos, rmask, D, eps,
+                          COSINE, BLOCK_D)
+
+    @triton.jit
+    def _prep_kernel(
+        sorted_ptr, perm_ptr, E_ptr, stride_er, stride_ec, Xs_ptr, lo_ptr, hi_ptr, denom_ptr,
+        n, D, n_bits, eps,
+        COSINE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        # Rows [r0, r0 + BLOCK_R) of the label-sorted batch: class segment by binary search
+        # (lo = #labels < key, hi = #labels <= key), then gather + normalise the embeddings.
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        rmask = rows < n
+        key = tl.load(sorted_ptr + rows, mask=rmask, other=0)
+        lo = tl.zeros([BLOCK_R], dtype=tl.int32)
+        hi = tl.zeros([BLOCK_R], dtype=tl.int32)
+        step = tl.full([BLOCK_R], 1, tl.int32) << n_bits  # a power of two > n
+        for _ in range(0, n_bits):
+            step = step // 2
+            c_lo = lo + step
+            ok_lo = rmask & (c_lo <= n)
+            v = tl.load(sorted_ptr + c_lo - 1, mask=ok_lo, other=0)
+            lo = tl.where(ok_lo & (v < key), c_lo, lo)
+            c_hi = hi + step
+            ok_hi = rmask & (c_hi <= n)
+            w = tl.load(sorted_ptr + c_hi - 1, mask=ok_hi, other=0)
+            hi = tl.where(ok_hi & (w <= key), c_hi, hi)
+        tl.store(lo_ptr + rows, lo, mask=rmask)
+        tl.store(hi_ptr + rows, hi, mask=rmask)
+        src = tl.load(perm_ptr + rows, mask=rmask, other=0)
+        _gather_normalize(E_ptr, stride_er, stride_ec, Xs_ptr, denom_ptr, src, rows, rmask, D, eps,
+                          COSINE, BLOCK_D)
+
+    @triton.jit
+    def _finalize_kernel(
+        per_row_ptr, lo_ptr, hi_ptr, perm_ptr, out_ptr, n_valid_ptr, n,
+        ONE_MINUS: tl.constexpr, MEAN: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        # One program, fixed summation order: the reduction is deterministic.
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        cnt = tl.zeros([BLOCK], dtype=tl.int32)
+        for r0 in range(0, n, BLOCK):
+            rows = r0 + tl.arange(0, BLOCK)
+            rmask = rows < n
+            v = tl.load(per_row_ptr + rows, mask=rmask, other=0.0)
+            lo = tl.load(lo_ptr + rows, mask=rmask, other=0)
+            hi = tl.load(hi_ptr + rows, mask=rmask, other=0)
+            valid = rmask & ((hi - lo) >= 2)
+            if ONE_MINUS:
+                v = 1.0 - v
+            v = tl.where(valid, v, 0.0)
+            cnt += valid.to(tl.int32)
+            if MEAN:
+                acc += v
+            else:
+                dst = tl.load(perm_ptr + rows, mask=rmask, other=0)
+                tl.store(out_ptr + dst, v, mask=rmask)
+        n_valid = tl.sum(cnt, axis=0).to(tl.float32)
+        tl.store(n_valid_ptr, n_valid)
+        if MEAN:
+            tl.store(out_ptr, tl.sum(acc, axis=0) / tl.maximum(n_valid, 1.0))
+
+    @triton.jit
+    def _unprep_kernel(
+        dXs_ptr, Xs_ptr, denom_ptr, perm_ptr, dE_ptr, stride_er, stride_ec, n, D, eps,
+        COSINE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        # dE[perm[p]] = (g - y (y . g)) / ||e||  (g / eps when ||e|| <= eps), cast to E's dtype.
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        rmask = rows < n
+        x_rows = rows.to(tl.int64)[:, None] * D
+        dst = tl.load(perm_ptr + rows, mask=rmask, other=0).to(tl.int64)
+        e_rows = dE_ptr + dst[:, None] * stride_er
+        offs_d0 = tl.arange(0, BLOCK_D)
+        if COSINE:
+            denom = tl.load(denom_ptr + rows, mask=rmask, other=1.0)
+            radial = tl.zeros([BLOCK_R], dtype=tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                offs_d = d0 + offs_d0
+                m = rmask[:, None] & (offs_d < D)[None, :]
+                g = tl.load(dXs_ptr + x_rows + offs_d[None, :], mask=m, other=0.0)
+                y = tl.load(Xs_ptr + x_rows + offs_d[None, :], mask=m, other=0.0)
+                radial += tl.sum(g * y, axis=1)
+            radial = tl.where(denom > eps, radial, 0.0)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + offs_d0
+            m = rmask[:, None] & (offs_d < D)[None, :]
+            g = tl.load(dXs_ptr + x_rows + offs_d[None, :], mask=m, other=0.0)
+            if COSINE:
+                y = tl.load(Xs_ptr + x_rows + offs_d[None, :], mask=m, other=0.0)
+                g = (g - y * radial[:, None]) / denom[:, None]
+            tl.store(e_rows + offs_d[None, :] * stride_ec, g.to(dE_ptr.dtype.element_ty), mask=m)
 
 
 def _next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 
 
-def _blocks(n_cols: int, block_p: int):
-    """Tile sizes: BLOCK_P positives x BLOCK_K gallery columns per step."""
+def _tile(n_cols: int) -> int:
+    """Elements per (positives x columns) tile: 2048 keeps 4 warps at 16 per thread."""
     if interpreter_active():
-        return block_p, min(64, max(16, _next_pow2(n_cols)))
-    block_k = min(512, max(32, _next_pow2(n_cols)))
-    return block_p, block_k
+        return 256
+    return 2048
 
 
 def rows_forward(
@@ -211,7 +395,7 @@ def rows_forward(
     alpha: float,
     b: float,
     compute_grad: bool,
-    block_p: int = 4,
+    tile: int = 0,
 ):
     """Per-row PNP loss of a float32 (queries x gallery) block, and its dS if asked."""
     check_device(S)
@@ -223,7 +407,7 @@ def rows_forward(
     G = torch.empty_like(S) if compute_grad else out  # dummy pointer when unused
     if n_rows == 0:
         return out, (G if compute_grad else None)
-    BLOCK_P, BLOCK_K = _blocks(n_cols, block_p)
+    TILE = tile or _tile(n_cols)
     _pnp_fwd_kernel[(n_rows,)](
         S, S.stride(0),
         lo, hi,
@@ -233,19 +417,88 @@ def rows_forward(
         _LOG2E / anneal, 1.0 / anneal, float(alpha), float(b),
         VARIANT=variant.code,
         COMPUTE_GRAD=compute_grad,
-        BLOCK_P=BLOCK_P,
-        BLOCK_K=BLOCK_K,
+        TILE=TILE,
     )
     return out, (G if compute_grad else None)
+
+
+def _launch_symmetric(G, g, g_stride, perm, n_valid, sign, mode):
+    n = G.shape[0]
+    H = torch.empty_like(G)
+    block = 32 if interpreter_active() else 64
+    grid = (triton.cdiv(n, block), triton.cdiv(n, block))
+    _symmetric_grad_kernel[grid](G, G.stride(0), H, H.stride(0), n, g, g_stride, perm, n_valid, float(sign),
+                                 MODE=mode, BLOCK=block)
+    return H
 
 
 def symmetric_grad(G: torch.Tensor, row_grad: torch.Tensor) -> torch.Tensor:
     """diag(g) G + (diag(g) G)^T for a square float32 G, in one pass."""
     check_device(G)
-    n = G.shape[0]
-    g = row_grad.to(torch.float32).contiguous()
-    H = torch.empty_like(G)
-    block = 32 if interpreter_active() else 64
-    grid = (triton.cdiv(n, block), triton.cdiv(n, block))
-    _symmetric_grad_kernel[grid](G, G.stride(0), g, H, H.stride(0), n, BLOCK=block)
-    return H
+    g = row_grad.to(torch.float32)
+    return _launch_symmetric(G, g, g.stride(0), g, g, 1.0, 0)
+
+
+def symmetric_grad_from(impl, G, grad_out, prep: Prep, n_valid, one_minus: bool, mean: bool):
+    """H from the upstream gradient directly: the row weights are formed inside the kernel."""
+    g = grad_out.to(torch.float32).contiguous()
+    sign = -1.0 if one_minus else 1.0
+    return _launch_symmetric(G, g, 0, prep.perm, n_valid, sign, 2 if mean else 1)
+
+
+# Up to this batch size the O(B^2)-compare counting sort (one launch) beats torch.sort's launches.
+COUNT_SORT_MAX_B = 4096
+
+
+def _row_block(D: int):
+    block_d = min(128, max(16, _next_pow2(D)))
+    return (8 if interpreter_active() else 16), block_d
+
+
+def prepare(E: torch.Tensor, labels: torch.Tensor, cosine: bool, compute_dtype: torch.dtype) -> Prep:
+    """Stable sort by label, class segments, gather and normalise: one kernel for small
+    batches (sort by counting), torch.sort plus one kernel (binary search) for large ones."""
+    check_device(E)
+    n, D = E.shape
+    Xs = torch.empty((n, D), dtype=torch.float32, device=E.device)
+    lo = torch.empty(n, dtype=torch.int32, device=E.device)
+    hi = torch.empty(n, dtype=torch.int32, device=E.device)
+    denom = torch.empty(n if cosine else 0, dtype=torch.float32, device=E.device)
+    BLOCK_R, BLOCK_D = _row_block(D)
+    if n <= COUNT_SORT_MAX_B:
+        perm = torch.empty(n, dtype=torch.int64, device=E.device)
+        _prep_count_kernel[(triton.cdiv(n, BLOCK_R),)](
+            labels, perm, E, E.stride(0), E.stride(1), Xs, lo, hi, denom if cosine else Xs,
+            n, D, NORM_EPS,
+            COSINE=cosine, BLOCK_R=BLOCK_R, BLOCK_J=32 if interpreter_active() else 128, BLOCK_D=BLOCK_D,
+        )
+        return Prep(Xs, perm, lo, hi, denom)
+    sorted_labels, perm = torch.sort(labels, stable=True)
+    _prep_kernel[(triton.cdiv(n, BLOCK_R),)](
+        sorted_labels, perm, E, E.stride(0), E.stride(1), Xs, lo, hi, denom if cosine else Xs,
+        n, D, (n + 1).bit_length(), NORM_EPS,
+        COSINE=cosine, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D,
+    )
+    return Prep(Xs, perm, lo, hi, denom)
+
+
+def finalize(per_row: torch.Tensor, prep: Prep, one_minus: bool, mean: bool):
+    """Mean over valid rows (or the scattered "none" vector) and the valid count, one program."""
+    n = per_row.shape[0]
+    out = torch.empty(() if mean else (n,), dtype=torch.float32, device=per_row.device)
+    n_valid = torch.empty((), dtype=torch.float32, device=per_row.device)
+    _finalize_kernel[(1,)](per_row, prep.lo, prep.hi, prep.perm, out, n_valid, n,
+                           ONE_MINUS=one_minus, MEAN=mean, BLOCK=min(1024, max(16, _next_pow2(n))))
+    return out, n_valid
+
+
+def unprepare(dXs: torch.Tensor, prep: Prep, cosine: bool, out_dtype: torch.dtype) -> torch.Tensor:
+    """dL/dE: back through the normalisation and the sort, written in E's dtype, one kernel."""
+    n, D = dXs.shape
+    dE = torch.empty((n, D), dtype=out_dtype, device=dXs.device)
+    BLOCK_R, BLOCK_D = _row_block(D)
+    _unprep_kernel[(triton.cdiv(n, BLOCK_R),)](
+        dXs, prep.Xs, prep.denom if cosine else dXs, prep.perm, dE, dE.stride(0), dE.stride(1), n, D, NORM_EPS,
+        COSINE=cosine, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D,
+    )
+    return dE

@@ -1,0 +1,83 @@
+"""The stages around the row kernel, in plain PyTorch; a backend may fuse any of them.
+
+    prepare      labels -> stable sort -> per-row positive segment [lo, hi);
+                 embeddings -> gathered into sorted order, L2-normalised ("cosine"),
+                 in the compute dtype (float32, or float64 for float64 input)
+    finalize     per-row losses (sorted order) -> "mean" scalar or "none" vector
+    symmetric_grad_from
+                 upstream gradient -> per-row weights g -> H = diag(g) G + (diag(g) G)^T
+    unprepare    dL/dXs -> back through the normalisation and the permutation -> dL/dE
+
+Every stage is built from fixed-shape device ops (sort, searchsorted, index_copy),
+so nothing here synchronises the host with the GPU. The normalisation matches
+``F.normalize(x, dim=1, eps=1e-12)``: x / max(||x||, eps), whose gradient is
+(g - y (y . g)) / ||x|| when ||x|| > eps and g / eps otherwise.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+__all__ = ["Prep", "NORM_EPS", "prepare", "finalize", "symmetric_grad_from", "unprepare"]
+
+NORM_EPS = 1e-12
+
+
+class Prep(NamedTuple):
+    Xs: torch.Tensor      # (B, D) embeddings in label-sorted order, normalised for "cosine"
+    perm: torch.Tensor    # (B,) int64: sorted position -> original row
+    lo: torch.Tensor      # (B,) int32: first sorted position of the row's class
+    hi: torch.Tensor      # (B,) int32: one past its last
+    denom: torch.Tensor   # (B,) max(||e||, eps) for "cosine"; empty for "dot"
+
+
+def prepare(E: torch.Tensor, labels: torch.Tensor, cosine: bool, compute_dtype: torch.dtype) -> Prep:
+    """Sort by label, find each row's class segment, gather and normalise the embeddings."""
+    sorted_labels, perm = torch.sort(labels, stable=True)
+    lo = torch.searchsorted(sorted_labels, sorted_labels, side="left", out_int32=True)
+    hi = torch.searchsorted(sorted_labels, sorted_labels, side="right", out_int32=True)
+    X = E.index_select(0, perm).to(compute_dtype)
+    if cosine:
+        denom = torch.linalg.vector_norm(X, dim=1).clamp_min(NORM_EPS)
+        X = X / denom[:, None]
+    else:
+        denom = X.new_empty(0)
+    return Prep(X, perm, lo, hi, denom)
+
+
+def finalize(per_row: torch.Tensor, prep: Prep, one_minus: bool, mean: bool):
+    """Reduce per-row losses (sorted order). Returns (output, n_valid as a 0-d float tensor)."""
+    valid = (prep.hi - prep.lo) >= 2
+    val = 1.0 - per_row if one_minus else per_row
+    val = torch.where(valid, val, torch.zeros_like(val))
+    n_valid = valid.sum().to(per_row.dtype)
+    if mean:
+        return val.sum() / n_valid.clamp(min=1), n_valid
+    out = torch.empty_like(val).index_copy_(0, prep.perm, val)
+    return out, n_valid
+
+
+def row_weights(grad_out: torch.Tensor, prep: Prep, n_valid: torch.Tensor, one_minus: bool, mean: bool):
+    """d output / d per_row[p] times the upstream gradient, as a (B,) vector in sorted order."""
+    sign = -1.0 if one_minus else 1.0
+    n = prep.perm.shape[0]
+    if mean:
+        return (grad_out * (sign / n_valid.clamp(min=1))).expand(n)
+    return grad_out.index_select(0, prep.perm) * sign
+
+
+def symmetric_grad_from(impl, G, grad_out, prep: Prep, n_valid, one_minus: bool, mean: bool):
+    """H = diag(g) G + (diag(g) G)^T with g from the upstream gradient (backend's symmetric_grad)."""
+    g = row_weights(grad_out.to(G.dtype), prep, n_valid, one_minus, mean)
+    return impl.symmetric_grad(G, g)
+
+
+def unprepare(dXs: torch.Tensor, prep: Prep, cosine: bool, out_dtype: torch.dtype) -> torch.Tensor:
+    """dL/dE from dL/dXs: through the normalisation, back to the original row order."""
+    if cosine:
+        X, denom = prep.Xs, prep.denom[:, None]
+        radial = (X * dXs).sum(dim=1, keepdim=True)
+        dXs = torch.where(denom > NORM_EPS, (dXs - X * radial) / denom, dXs / denom)
+    dE = torch.empty_like(dXs).index_copy_(0, prep.perm, dXs)
+    return dE.to(out_dtype)

@@ -36,6 +36,7 @@ from pnp_kernels import pnp_loss
 from pnp_kernels.reference import pnp_loss_reference
 
 VARIANTS = ["O", "Ds", "Dq", "Iu", "Ib"]
+EXTRA_PROVIDERS = []  # other backends timed beside triton in the speed table (set in main)
 LINES = []
 
 
@@ -267,6 +268,29 @@ def profile_step(device):
     return True
 
 
+def graph_ms(step, E, quick):
+    """Median time of ``step`` replayed from a CUDA graph: GPU time without host launch gaps."""
+    import triton.testing
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            E.grad = None
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    E.grad = None
+    with torch.cuda.graph(graph):
+        step()
+    ms = triton.testing.do_bench(graph.replay, warmup=5 if quick else 25, rep=20 if quick else 100,
+                                 return_mode="median")
+    del graph
+    E.grad = None
+    torch.cuda.synchronize()
+    return ms
+
+
 def bench_table(device, Bs, P, D=512, with_ref=True, with_compiled=False, quick=False):
     import triton.testing
 
@@ -298,6 +322,15 @@ def bench_table(device, Bs, P, D=512, with_ref=True, with_compiled=False, quick=
             res["triton"] = run(ours("triton"))
         except torch.OutOfMemoryError:
             res["triton"] = "OOM"
+        for other in EXTRA_PROVIDERS:
+            if other == "torch" and B > 4096:
+                continue
+            try:
+                res[other] = run(ours(other))
+            except torch.OutOfMemoryError:
+                res[other] = "OOM"
+        if B <= 16384:
+            res["graph"] = graph_ms(lambda: pnp_loss(E, y, variant="Dq", backend="triton").backward(), E, quick)
         try:
             res["fwd_only"] = run(lambda: pnp_loss(E.detach(), y, variant="Dq", backend="triton"))
         except torch.OutOfMemoryError:
@@ -337,8 +370,10 @@ def fmt(v):
 
 
 def print_table(rows):
-    log("| B | P | ours fwd+bwd (triton) | ours fwd only | reference eager | reference compiled | GEMM floor | ref/ours | compiled/ours | ours/floor |")
-    log("|---|---|---|---|---|---|---|---|---|---|")
+    log("| B | P | ours fwd+bwd (triton) | ours fwd+bwd, CUDA graph | ours fwd only | reference eager | "
+        "reference compiled | GEMM floor | ref/ours | compiled/ours | ours/floor | ours graph/floor |"
+        + "".join(f" {p} fwd+bwd |" for p in EXTRA_PROVIDERS))
+    log("|---|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(EXTRA_PROVIDERS))
     for r in rows:
         t = r.get("triton")
         tt = t[0] if isinstance(t, tuple) else None
@@ -348,9 +383,14 @@ def print_table(rows):
             if tt is None or not isinstance(v, tuple):
                 return ""
             return f"{(tt / v[0]) if inv else (v[0] / tt):.1f}x" if not inv else f"{tt / v[0]:.2f}"
-        log(f"| {r['B']} | {r['P']} | {fmt(t)} | {fmt(r.get('fwd_only'))} | {fmt(r.get('ref'))} | "
+        gr = r.get("graph")
+        fl = r.get("floor")
+        g_txt = f"{gr:.3f} ms" if gr else ""
+        g_ratio = f"{gr / fl[0]:.2f}" if gr and isinstance(fl, tuple) else ""
+        log(f"| {r['B']} | {r['P']} | {fmt(t)} | {g_txt} | {fmt(r.get('fwd_only'))} | {fmt(r.get('ref'))} | "
             f"{fmt(r.get('ref_compiled'))}{' (compile %.0f s)' % r['compile_s'] if 'compile_s' in r else ''} | "
-            f"{fmt(r.get('floor'))} | {ratio('ref')} | {ratio('ref_compiled')} | {ratio('floor', inv=True)} |")
+            f"{fmt(r.get('floor'))} | {ratio('ref')} | {ratio('ref_compiled')} | {ratio('floor', inv=True)} | {g_ratio} |"
+            + "".join(f" {fmt(r.get(p))} |" for p in EXTRA_PROVIDERS))
 
 
 def main():
@@ -374,6 +414,7 @@ def main():
     status = pnp_kernels.backend_status()
     log(f"backends: {json.dumps(status)}")
     backends = [b for b in ("triton", "torch", "ext") if status[b]["available"]]
+    EXTRA_PROVIDERS.extend(b for b in ("ext", "torch") if b in backends)
     results = {}
     if not cuda:
         section("parity", lambda: parity(device, [b for b in backends if b != "ext"], [24], 0), results)

@@ -250,6 +250,22 @@ def profile_step(device):
         torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     log(f"  host time per fwd+bwd call (no sync): {host_us:.1f} us; GPU kernels per step: {len(kernels) / 5:.1f}")
+    # what one launch costs on this host: a torch op vs a Triton kernel with 1 and with 8 pointer args
+    from pnp_kernels.backends import triton as tb
+    x = torch.zeros(1024, device=device)
+
+    def host_cost(fn, n=300):
+        fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        dt = (time.perf_counter() - t0) / n * 1e6
+        torch.cuda.synchronize()
+        return dt
+    lo = torch.zeros(8, dtype=torch.int32, device=device)
+    log(f"  host cost per launch: torch x.add_(1) {host_cost(lambda: x.add_(1)):.1f} us; "
+        f"triton finalize kernel (6 pointers) {host_cost(lambda: tb.finalize(x[:8], tb.Prep(x, lo.long(), lo, lo, x), True)):.1f} us")
     log(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=22))
     # the same step captured in a CUDA graph: GPU time without launch gaps
     s = torch.cuda.Stream()

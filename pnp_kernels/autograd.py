@@ -52,15 +52,15 @@ def forward_impl(E, labels, variant: Variant, anneal, alpha, b, cosine: bool, me
         S = torch.mm(prep.Xs, prep.Xs.t())
         per_row, G = impl.rows_forward(S, prep.lo, prep.hi, variant, anneal, alpha, b, compute_grad)
         del S
-        out, n_valid = _stage(impl, "finalize")(per_row, prep, variant.one_minus, mean)
+        out, n_valid = _stage(impl, "finalize")(per_row, prep, mean)
     return out, prep, n_valid, G
 
 
-def backward_impl(grad_out, prep, n_valid, G, one_minus: bool, cosine: bool, mean: bool, out_dtype, backend: str):
+def backward_impl(grad_out, prep, n_valid, G, cosine: bool, mean: bool, out_dtype, backend: str):
     """dL/dE from the upstream gradient of the output."""
     impl = get_backend(backend)
     with torch.autocast(device_type=G.device.type, enabled=False):
-        H = _stage(impl, "symmetric_grad_from")(impl, G, grad_out, prep, n_valid, one_minus, mean)
+        H = _stage(impl, "symmetric_grad_from")(impl, G, grad_out, prep, n_valid, mean)
         dXs = torch.mm(H, prep.Xs)
         del H
         return _stage(impl, "unprepare")(dXs, prep, cosine, out_dtype)
@@ -77,18 +77,18 @@ class PNPFunction(torch.autograd.Function):
     def forward(ctx, E, labels, variant: Variant, anneal, alpha, b, cosine, mean, backend, compute_grad):
         out, prep, n_valid, G = forward_impl(E, labels, variant, anneal, alpha, b, cosine, mean, backend,
                                              compute_grad)
-        ctx.meta = (variant.one_minus, cosine, mean, E.dtype, backend, compute_grad)
+        ctx.meta = (cosine, mean, E.dtype, backend, compute_grad)
         if compute_grad:
             ctx.save_for_backward(*prep, n_valid, G)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        one_minus, cosine, mean, out_dtype, backend, compute_grad = ctx.meta
+        cosine, mean, out_dtype, backend, compute_grad = ctx.meta
         if not compute_grad:
             raise RuntimeError(_NO_GRAD_MSG)
         *prep, n_valid, G = ctx.saved_tensors
-        dE = backward_impl(grad_out, pipeline.Prep(*prep), n_valid, G, one_minus, cosine, mean, out_dtype, backend)
+        dE = backward_impl(grad_out, pipeline.Prep(*prep), n_valid, G, cosine, mean, out_dtype, backend)
         return dE, None, None, None, None, None, None, None, None, None
 
 
@@ -118,28 +118,28 @@ def _fwd_fake(E, labels, variant_code, anneal, alpha, b, cosine, mean, backend, 
 
 @torch.library.custom_op("pnp_kernels::pnp_loss_bwd", mutates_args=())
 def _bwd_op(grad_out: torch.Tensor, Xs: torch.Tensor, perm: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
-            denom: torch.Tensor, n_valid: torch.Tensor, G: torch.Tensor, one_minus: bool, cosine: bool, mean: bool,
+            denom: torch.Tensor, n_valid: torch.Tensor, G: torch.Tensor, cosine: bool, mean: bool,
             out_dtype: torch.dtype, backend: str) -> torch.Tensor:
     prep = pipeline.Prep(Xs, perm, lo, hi, denom)
-    return backward_impl(grad_out, prep, n_valid, G, one_minus, cosine, mean, out_dtype, backend)
+    return backward_impl(grad_out, prep, n_valid, G, cosine, mean, out_dtype, backend)
 
 
 @_bwd_op.register_fake
-def _bwd_fake(grad_out, Xs, perm, lo, hi, denom, n_valid, G, one_minus, cosine, mean, out_dtype, backend):
+def _bwd_fake(grad_out, Xs, perm, lo, hi, denom, n_valid, G, cosine, mean, out_dtype, backend):
     return Xs.new_empty(Xs.shape, dtype=out_dtype)
 
 
 def _setup_context(ctx, inputs, output):
     E, labels, variant_code, anneal, alpha, b, cosine, mean, backend, compute_grad = inputs
-    ctx.meta = (variant_by_code(variant_code).one_minus, cosine, mean, E.dtype, backend, compute_grad)
+    ctx.meta = (cosine, mean, E.dtype, backend, compute_grad)
     ctx.save_for_backward(*output[1:])
 
 
 def _backward(ctx, grads):
-    one_minus, cosine, mean, out_dtype, backend, compute_grad = ctx.meta
+    cosine, mean, out_dtype, backend, compute_grad = ctx.meta
     if not compute_grad:
         raise RuntimeError(_NO_GRAD_MSG)
-    dE = _bwd_op(grads[0].contiguous(), *ctx.saved_tensors, one_minus, cosine, mean, out_dtype, backend)
+    dE = _bwd_op(grads[0].contiguous(), *ctx.saved_tensors, cosine, mean, out_dtype, backend)
     return dE, None, None, None, None, None, None, None, None, None
 
 

@@ -22,12 +22,12 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _check_positive(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymFloat, torch.SymInt)):
         raise TypeError(f"{name}: expected a positive real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or value <= 0:
+    # Comparisons only (no math.isfinite), so symbolic floats under torch.compile(dynamic=True) pass.
+    if not (value > 0) or value == math.inf:  # `not (x > 0)` also rejects NaN
         raise ValueError(f"{name}: must be a finite number > 0, got {value}")
-    return value
+    return float(value)
 
 
 def _validate(embeddings, labels, similarity, reduction, backend):

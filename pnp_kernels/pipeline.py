@@ -46,11 +46,10 @@ def prepare(E: torch.Tensor, labels: torch.Tensor, cosine: bool, compute_dtype: 
     return Prep(X, perm, lo, hi, denom)
 
 
-def finalize(per_row: torch.Tensor, prep: Prep, one_minus: bool, mean: bool):
+def finalize(per_row: torch.Tensor, prep: Prep, mean: bool):
     """Reduce per-row losses (sorted order). Returns (output, n_valid as a 0-d float tensor)."""
     valid = (prep.hi - prep.lo) >= 2
-    val = 1.0 - per_row if one_minus else per_row
-    val = torch.where(valid, val, torch.zeros_like(val))
+    val = torch.where(valid, per_row, torch.zeros_like(per_row))
     n_valid = valid.sum().to(per_row.dtype)
     if mean:
         return val.sum() / n_valid.clamp(min=1), n_valid
@@ -58,18 +57,17 @@ def finalize(per_row: torch.Tensor, prep: Prep, one_minus: bool, mean: bool):
     return out, n_valid
 
 
-def row_weights(grad_out: torch.Tensor, prep: Prep, n_valid: torch.Tensor, one_minus: bool, mean: bool):
+def row_weights(grad_out: torch.Tensor, prep: Prep, n_valid: torch.Tensor, mean: bool):
     """d output / d per_row[p] times the upstream gradient, as a (B,) vector in sorted order."""
-    sign = -1.0 if one_minus else 1.0
     n = prep.perm.shape[0]
     if mean:
-        return (grad_out * (sign / n_valid.clamp(min=1))).expand(n)
-    return grad_out.index_select(0, prep.perm) * sign
+        return (grad_out / n_valid.clamp(min=1)).expand(n)
+    return grad_out.index_select(0, prep.perm)
 
 
-def symmetric_grad_from(impl, G, grad_out, prep: Prep, n_valid, one_minus: bool, mean: bool):
+def symmetric_grad_from(impl, G, grad_out, prep: Prep, n_valid, mean: bool):
     """H = diag(g) G + (diag(g) G)^T with g from the upstream gradient (backend's symmetric_grad)."""
-    g = row_weights(grad_out.to(G.dtype), prep, n_valid, one_minus, mean)
+    g = row_weights(grad_out.to(G.dtype), prep, n_valid, mean)
     return impl.symmetric_grad(G, g)
 
 

@@ -15,6 +15,17 @@ import torch.nn.functional as F
 
 from .variants import resolve_variant
 
+# The references' own formulas (pytorch-metric-learning / the authors' code), kept
+# apart from the kernels' accurate forms in variants.py so the oracle shares no code
+# with what it checks. Dq's "1 - mean" is applied below, as they do.
+_REFERENCE_F = {
+    "O": lambda R, a, b: R,
+    "Ds": lambda R, a, b: torch.log(1 + R),
+    "Dq": lambda R, a, b: 1 / (1 + R) ** a,
+    "Iu": lambda R, a, b: (1 + R) * torch.log(1 + R),
+    "Ib": lambda R, a, b: 1 / b**2 * (b * R - torch.log(1 + b * R)),
+}
+
 __all__ = ["pnp_loss_reference", "reference_sigmoid"]
 
 
@@ -58,12 +69,12 @@ def pnp_loss_reference(
     diff = sim[:, None, :] - sim[:, :, None]  # [i, j, k] = S_ik - S_ij
     ranked_above = reference_sigmoid(diff, anneal) * neg[:, None, :]
     R = ranked_above.sum(dim=-1)  # [i, j]
-    fR = v.f(R, alpha, b)
+    fR = _REFERENCE_F[v.name](R, alpha, b)
     n_pos = pos.sum(dim=1)
     per_query = (fR * pos).sum(dim=1) / n_pos
     valid = n_pos >= 2
     zero = torch.zeros_like(per_query)
-    if v.one_minus:
+    if v.name == "Dq":
         per_query = 1.0 - per_query
     if reduction == "none":
         return torch.where(valid, per_query, zero)

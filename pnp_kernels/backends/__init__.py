@@ -58,10 +58,19 @@ def available_backends() -> List[str]:
 
 
 def resolve_backend(name: str, device: _torch.device, dtype: _torch.dtype) -> str:
-    """Pick the concrete backend for ``backend=name`` on tensors of ``device``/``dtype``."""
+    """Pick the concrete backend for ``backend=name`` on tensors of ``device``/``dtype``.
+
+    Imports nothing (the triton status is computed when this package is imported), so
+    torch.compile traces it without a graph break.
+    """
     if name != "auto":
-        get_backend(name)  # validates the name
+        if name not in _MODULES:
+            raise ValueError(f"backend: unknown value {name!r}; valid values are auto, {', '.join(BACKEND_NAMES)}")
         return name
     if device.type == "cuda" and dtype != _torch.float64 and _status("triton")[0]:
         return "triton"
     return "torch"
+
+
+# Whether "auto" may pick triton is decided once, at import, outside any traced code.
+_status("triton")

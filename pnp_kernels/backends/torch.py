@@ -74,32 +74,39 @@ def rows_forward(
     G = torch.zeros_like(S) if compute_grad else None
     cols = torch.arange(n_cols, device=S.device)
     for r0, r1, p_max in _plan_chunks(cnt.cpu(), n_cols, max_tile_elems):
-        S_c, lo_c, hi_c, cnt_c = S[r0:r1], lo[r0:r1], hi[r0:r1], cnt[r0:r1]
+        lo_c, hi_c, cnt_c = lo[r0:r1], hi[r0:r1], cnt[r0:r1]
         valid = cnt_c >= 2
         if not bool(valid.any()):
             continue  # dropped queries: loss 0, gradient 0 (G already zero)
+        m = r1 - r0
         t = torch.arange(p_max, device=S.device)
         pmask = t[None, :] < cnt_c[:, None]                       # (m, P)
         pcols = (lo_c[:, None] + t[None, :]).clamp(max=n_cols - 1)
-        s_pos = S_c.gather(1, pcols)                              # S_ij, (m, P)
-        neg = (cols[None, :] < lo_c[:, None]) | (cols[None, :] >= hi_c[:, None])  # (m, n)
+        S_c = S[r0:r1] / anneal                                   # S / tau, (m, n)
+        s_pos = S_c.gather(1, pcols)                              # S_pj / tau, (m, P)
+        # Non-negatives at -inf: their sigmoid is exactly 0 (and sigma' too), no mask on the tile.
+        neg = (cols[None, :] < lo_c[:, None]) | (cols[None, :] >= hi_c[:, None])
+        S_neg = S_c.masked_fill(~neg, float("-inf"))
         # x[p, j, k] = (S_pk - S_pj) / tau: negative k ranked above positive j when x > 0.
-        x = (S_c[:, None, :] - s_pos[:, :, None]) / anneal
-        negf = neg[:, None, :].to(S.dtype)
-        sig = torch.sigmoid(x) * negf
+        x = S_neg[:, None, :] - s_pos[:, :, None]                 # (m, P, n)
+        sig = torch.sigmoid(x)
         R = sig.sum(dim=-1)                                       # (m, P)
-        w = torch.where(valid, 1.0 / cnt_c.clamp(min=1).to(S.dtype), torch.zeros_like(S_c[:, 0]))
+        w = torch.where(valid, 1.0 / cnt_c.clamp(min=1).to(S.dtype), torch.zeros_like(s_pos[:, 0]))
         pm = pmask.to(S.dtype)
         out[r0:r1] = (variant.f(R, alpha, b) * pm).sum(dim=1) * w
         if compute_grad:
             coef = variant.df(R, alpha, b) * pm * w[:, None]       # d loss_p / d R_pj
             # sigma'(x) = sigma(x) sigma(-x): exact in both tails, unlike s (1 - s).
-            sp = sig * torch.sigmoid(-x)
-            G_c = (coef[:, :, None] * sp).sum(dim=1) / anneal      # negatives: + (1/tau) sum_j c_j sigma'
-            g_pos = -(coef * sp.sum(dim=-1)) / anneal              # positives: - (1/tau) c_j sum_k sigma'
-            onehot = (cols[None, None, :] == pcols[:, :, None]) & pmask[:, :, None]
-            G_c = G_c + (g_pos[:, :, None] * onehot.to(S.dtype)).sum(dim=1)
-            G[r0:r1] = G_c
+            sp = torch.sigmoid(x.neg_()).mul_(sig)
+            # negatives: G_pk = (1/tau) sum_j c_j sigma'_pjk
+            G_ext = torch.zeros(m, n_cols + p_max, dtype=S.dtype, device=S.device)
+            G_ext[:, :n_cols] = torch.bmm(coef.unsqueeze(1), sp).squeeze(1) / anneal
+            # positives: G_pj = -(1/tau) c_j sum_k sigma'_pjk; padded lanes go to spare columns
+            # n + t, so every scattered index is unique (deterministic on every device).
+            g_pos = -(coef * sp.sum(dim=-1)) / anneal
+            dst = torch.where(pmask, lo_c[:, None] + t[None, :], n_cols + t[None, :])
+            G_ext.scatter_(1, dst, g_pos)
+            G[r0:r1] = G_ext[:, :n_cols]
     return out, G
 
 

@@ -79,26 +79,52 @@ def check_device(t: torch.Tensor) -> None:
 if triton is not None:
 
     @triton.jit
+    def _log1p(x):
+        """log(1+x) for x >= 0, full relative precision: its series below 0.5."""
+        xs = tl.minimum(x, 0.5)
+        acc = tl.zeros_like(xs)
+        for i in tl.static_range(0, 24):  # n = 24 .. 1: x (1 - x (1/2 - x (1/3 - ...)))
+            acc = (1.0 / (24 - i)) - xs * acc
+        return tl.where(x < 0.5, xs * acc, tl.log(1.0 + x))
+
+    @triton.jit
+    def _x_minus_log1p(x):
+        """x - log(1+x) for x >= 0 without cancellation: its series below 0.5."""
+        xs = tl.minimum(x, 0.5)
+        acc = tl.zeros_like(xs)
+        for i in tl.static_range(0, 24):  # n = 25 .. 2: x^2 (1/2 - x (1/3 - x (1/4 - ...)))
+            acc = (1.0 / (25 - i)) - xs * acc
+        return tl.where(x < 0.5, xs * xs * acc, x - tl.log(1.0 + x))
+
+    @triton.jit
+    def _one_minus_exp(y):
+        """1 - e^-y = -expm1(-y) for y >= 0, full relative precision: its series below 0.5."""
+        ys = tl.minimum(y, 0.5)
+        acc = tl.zeros_like(ys)
+        for i in tl.static_range(0, 14):  # n = 14 .. 1: y (1 - y/2 (1 - y/3 (1 - ...)))
+            acc = 1.0 - ys * acc * (1.0 / (15 - i))
+        return tl.where(y < 0.5, ys * acc, 1.0 - tl.exp(-y))
+
+    @triton.jit
     def _variant_f_df(R, alpha, b, VARIANT: tl.constexpr):
-        """f(R) and df/dR of the variant table in pnp_kernels/variants.py (same codes)."""
-        one_p_r = 1.0 + R
+        """f(R) and df/dR of the variant table in pnp_kernels/variants.py (same codes, same forms)."""
         if VARIANT == 0:  # O
             f = R
             df = R * 0.0 + 1.0
-        elif VARIANT == 1:  # Ds
-            f = tl.log(one_p_r)
-            df = 1.0 / one_p_r
-        elif VARIANT == 2:  # Dq: (1+R)^-alpha
-            f = tl.exp2(-alpha * tl.log2(one_p_r))
-            df = -alpha * f / one_p_r
-        elif VARIANT == 3:  # Iu
-            lg = tl.log(one_p_r)
-            f = one_p_r * lg
+        elif VARIANT == 1:  # Ds: log(1+R)
+            f = _log1p(R)
+            df = 1.0 / (1.0 + R)
+        elif VARIANT == 2:  # Dq: 1 - (1+R)^-alpha
+            lg = _log1p(R)
+            f = _one_minus_exp(alpha * lg)
+            df = alpha * tl.exp(-(alpha + 1.0) * lg)
+        elif VARIANT == 3:  # Iu: (1+R) log(1+R)
+            lg = _log1p(R)
+            f = (1.0 + R) * lg
             df = lg + 1.0
-        else:  # Ib: x - log(1+x) cancels for small x = bR, so use its series there
+        else:  # Ib: (bR - log(1+bR)) / b^2
             x = b * R
-            series = x * x * (0.5 - x * (1.0 / 3.0 - x * (0.25 - x * (0.2 - x * (1.0 / 6.0)))))
-            f = tl.where(x < 0.01, series, x - tl.log(1.0 + x)) / (b * b)
+            f = _x_minus_log1p(x) / (b * b)
             df = R / (1.0 + x)
         return f, df
 
@@ -234,13 +260,13 @@ if triton is not None:
 
     @triton.jit
     def _gather_normalize(E_ptr, stride_er, stride_ec, Xs_ptr, denom_ptr, src, dst, rmask, D, eps,
-                          COSINE: tl.constexpr, BLOCK_D: tl.constexpr):
+                          COSINE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
         """Xs[dst] = E[src] / max(||E[src]||, eps) (or E[src] for "dot"), in float32."""
         e_rows = E_ptr + src.to(tl.int64)[:, None] * stride_er
         x_rows = Xs_ptr + dst.to(tl.int64)[:, None] * D
         offs_d0 = tl.arange(0, BLOCK_D)
         if COSINE:
-            sq = tl.zeros([src.shape[0]], dtype=tl.float32)
+            sq = tl.zeros([BLOCK_R], dtype=tl.float32)
             for d0 in range(0, D, BLOCK_D):
                 offs_d = d0 + offs_d0
                 m = rmask[:, None] & (offs_d < D)[None, :]
@@ -285,7 +311,7 @@ if triton is not None:
         tl.store(lo_ptr + pos, less, mask=rmask)
         tl.store(hi_ptr + pos, less + same, mask=rmask)
         _gather_normalize(E_ptr, stride_er, stride_ec, Xs_ptr, denom_ptr, rows, pos, rmask, D, eps,
-                          COSINE, BLOCK_D)
+                          COSINE, BLOCK_R, BLOCK_D)
 
     @triton.jit
     def _prep_kernel(
@@ -315,12 +341,12 @@ if triton is not None:
         tl.store(hi_ptr + rows, hi, mask=rmask)
         src = tl.load(perm_ptr + rows, mask=rmask, other=0)
         _gather_normalize(E_ptr, stride_er, stride_ec, Xs_ptr, denom_ptr, src, rows, rmask, D, eps,
-                          COSINE, BLOCK_D)
+                          COSINE, BLOCK_R, BLOCK_D)
 
     @triton.jit
     def _finalize_kernel(
         per_row_ptr, lo_ptr, hi_ptr, perm_ptr, out_ptr, n_valid_ptr, n,
-        ONE_MINUS: tl.constexpr, MEAN: tl.constexpr, BLOCK: tl.constexpr,
+        MEAN: tl.constexpr, BLOCK: tl.constexpr,
     ):
         # One program, fixed summation order: the reduction is deterministic.
         acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -332,8 +358,6 @@ if triton is not None:
             lo = tl.load(lo_ptr + rows, mask=rmask, other=0)
             hi = tl.load(hi_ptr + rows, mask=rmask, other=0)
             valid = rmask & ((hi - lo) >= 2)
-            if ONE_MINUS:
-                v = 1.0 - v
             v = tl.where(valid, v, 0.0)
             cnt += valid.to(tl.int32)
             if MEAN:
@@ -425,13 +449,18 @@ def rows_forward(
     return out, (G if compute_grad else None)
 
 
+# 8 warps for the 64 x 64 tiles: with 4, sm_90 needs 150-255 registers a thread and spills
+# in one mode (bench/compile_check.py reports it).
+SYMMETRIC_NUM_WARPS = 8
+
+
 def _launch_symmetric(G, g, g_stride, perm, n_valid, sign, mode):
     n = G.shape[0]
     H = torch.empty_like(G)
     block = 32 if interpreter_active() else 64
     grid = (triton.cdiv(n, block), triton.cdiv(n, block))
     _symmetric_grad_kernel[grid](G, G.stride(0), H, H.stride(0), n, g, g_stride, perm, n_valid, float(sign),
-                                 MODE=mode, BLOCK=block)
+                                 MODE=mode, BLOCK=block, num_warps=SYMMETRIC_NUM_WARPS)
     return H
 
 
@@ -442,11 +471,10 @@ def symmetric_grad(G: torch.Tensor, row_grad: torch.Tensor) -> torch.Tensor:
     return _launch_symmetric(G, g, g.stride(0), g, g, 1.0, 0)
 
 
-def symmetric_grad_from(impl, G, grad_out, prep: Prep, n_valid, one_minus: bool, mean: bool):
+def symmetric_grad_from(impl, G, grad_out, prep: Prep, n_valid, mean: bool):
     """H from the upstream gradient directly: the row weights are formed inside the kernel."""
     g = grad_out.to(torch.float32).contiguous()
-    sign = -1.0 if one_minus else 1.0
-    return _launch_symmetric(G, g, 0, prep.perm, n_valid, sign, 2 if mean else 1)
+    return _launch_symmetric(G, g, 0, prep.perm, n_valid, 1.0, 2 if mean else 1)
 
 
 # Up to this batch size the O(B^2)-compare counting sort (one launch) beats torch.sort's launches.
@@ -485,13 +513,13 @@ def prepare(E: torch.Tensor, labels: torch.Tensor, cosine: bool, compute_dtype: 
     return Prep(Xs, perm, lo, hi, denom)
 
 
-def finalize(per_row: torch.Tensor, prep: Prep, one_minus: bool, mean: bool):
+def finalize(per_row: torch.Tensor, prep: Prep, mean: bool):
     """Mean over valid rows (or the scattered "none" vector) and the valid count, one program."""
     n = per_row.shape[0]
     out = torch.empty(() if mean else (n,), dtype=torch.float32, device=per_row.device)
     n_valid = torch.empty((), dtype=torch.float32, device=per_row.device)
     _finalize_kernel[(1,)](per_row, prep.lo, prep.hi, prep.perm, out, n_valid, n,
-                           ONE_MINUS=one_minus, MEAN=mean, BLOCK=min(1024, max(16, _next_pow2(n))))
+                           MEAN=mean, BLOCK=min(1024, max(16, _next_pow2(n))))
     return out, n_valid
 
 

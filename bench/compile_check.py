@@ -1,0 +1,127 @@
+"""Compile every Triton kernel specialization for a GPU target, without a GPU.
+
+    python bench/compile_check.py [--arch 90] [--arch 80]
+
+Triton ships ptxas, so on a CPU-only machine this lowers each kernel of
+pnp_kernels/backends/triton.py (every variant, with and without gradient, cosine
+and dot, each reduction mode) to PTX and a cubin for the given compute
+capabilities, and prints registers, spills and shared memory per kernel (from
+cuobjdump's resource usage when available). It proves the kernels compile for
+that GPU, not that they run right there: bench/gpu_check.py does that.
+Must run without TRITON_INTERPRET (it re-executes itself without it).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def _specializations(tb):
+    """(name, kernel, signature, constexprs[, options]) for every launch configuration the package uses."""
+    out = []
+    i32, f32 = "i32", "fp32"
+    for variant in range(5):
+        for grad in (False, True):
+            sig = {"S_ptr": "*fp32", "stride_s": i32, "lo_ptr": "*i32", "hi_ptr": "*i32", "loss_ptr": "*fp32",
+                   "G_ptr": "*fp32", "stride_g": i32, "n_cols": i32, "scale": f32, "inv_tau": f32,
+                   "alpha": f32, "b": f32, "VARIANT": "constexpr", "COMPUTE_GRAD": "constexpr",
+                   "TILE": "constexpr"}
+            out.append((f"_pnp_fwd_kernel[variant={variant},grad={grad}]", tb._pnp_fwd_kernel, sig,
+                        {"VARIANT": variant, "COMPUTE_GRAD": grad, "TILE": tb._tile(0)}))
+    for mode in (0, 1, 2):
+        sig = {"G_ptr": "*fp32", "stride_g": i32, "H_ptr": "*fp32", "stride_h": i32, "n": i32,
+               "g_ptr": "*fp32", "g_stride": i32, "perm_ptr": "*i64", "n_valid_ptr": "*fp32", "sign": f32,
+               "MODE": "constexpr", "BLOCK": "constexpr"}
+        out.append((f"_symmetric_grad_kernel[mode={mode}]", tb._symmetric_grad_kernel, sig,
+                    {"MODE": mode, "BLOCK": 64}, {"num_warps": tb.SYMMETRIC_NUM_WARPS}))
+    for edtype in ("fp32", "fp16", "bf16"):
+        for cosine in (True, False):
+            BLOCK_R, BLOCK_D = 16, 128
+            sig = {"labels_ptr": "*i64", "perm_ptr": "*i64", "E_ptr": f"*{edtype}", "stride_er": i32,
+                   "stride_ec": i32, "Xs_ptr": "*fp32", "lo_ptr": "*i32", "hi_ptr": "*i32", "denom_ptr": "*fp32",
+                   "n": i32, "D": i32, "eps": f32, "COSINE": "constexpr", "BLOCK_R": "constexpr",
+                   "BLOCK_J": "constexpr", "BLOCK_D": "constexpr"}
+            out.append((f"_prep_count_kernel[{edtype},cosine={cosine}]", tb._prep_count_kernel, sig,
+                        {"COSINE": cosine, "BLOCK_R": BLOCK_R, "BLOCK_J": 128, "BLOCK_D": BLOCK_D}))
+            sig = {"sorted_ptr": "*i64", "perm_ptr": "*i64", "E_ptr": f"*{edtype}", "stride_er": i32,
+                   "stride_ec": i32, "Xs_ptr": "*fp32", "lo_ptr": "*i32", "hi_ptr": "*i32", "denom_ptr": "*fp32",
+                   "n": i32, "D": i32, "n_bits": i32, "eps": f32, "COSINE": "constexpr", "BLOCK_R": "constexpr",
+                   "BLOCK_D": "constexpr"}
+            out.append((f"_prep_kernel[{edtype},cosine={cosine}]", tb._prep_kernel, sig,
+                        {"COSINE": cosine, "BLOCK_R": BLOCK_R, "BLOCK_D": BLOCK_D}))
+            sig = {"dXs_ptr": "*fp32", "Xs_ptr": "*fp32", "denom_ptr": "*fp32", "perm_ptr": "*i64",
+                   "dE_ptr": f"*{edtype}", "stride_er": i32, "stride_ec": i32, "n": i32, "D": i32, "eps": f32,
+                   "COSINE": "constexpr", "BLOCK_R": "constexpr", "BLOCK_D": "constexpr"}
+            out.append((f"_unprep_kernel[{edtype},cosine={cosine}]", tb._unprep_kernel, sig,
+                        {"COSINE": cosine, "BLOCK_R": BLOCK_R, "BLOCK_D": BLOCK_D}))
+    for mean in (True, False):
+        sig = {"per_row_ptr": "*fp32", "lo_ptr": "*i32", "hi_ptr": "*i32", "perm_ptr": "*i64", "out_ptr": "*fp32",
+               "n_valid_ptr": "*fp32", "n": i32, "MEAN": "constexpr", "BLOCK": "constexpr"}
+        out.append((f"_finalize_kernel[mean={mean}]", tb._finalize_kernel, sig, {"MEAN": mean, "BLOCK": 1024}))
+    return out
+
+
+def _resource_usage(cubin: bytes):
+    """(registers, spill stores + loads, shared bytes) from cuobjdump -res-usage, or None."""
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+        path = f.name
+    try:
+        txt = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True, timeout=60).stdout
+    finally:
+        os.unlink(path)
+    reg = re.search(r"REG:(\d+)", txt)
+    shared = re.search(r"SHARED:(\d+)", txt)
+    stack = re.search(r"STACK:(\d+)", txt)
+    return (int(reg.group(1)) if reg else -1, int(stack.group(1)) if stack else -1,
+            int(shared.group(1)) if shared else -1)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", type=int, action="append", help="compute capability, e.g. 90 (default: 90)")
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        return subprocess.call([sys.executable, os.path.abspath(__file__)] + (argv or sys.argv[1:]), env=env)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from pnp_kernels.backends import triton as tb
+
+    archs = args.arch or [90]
+    print(f"triton {triton.__version__}; targets: " + ", ".join(f"sm_{a}" for a in archs))
+    print("| kernel | target | registers | stack (spill) bytes | shared bytes | compile s |")
+    print("|---|---|---|---|---|---|")
+    failures = 0
+    for arch in archs:
+        target = GPUTarget("cuda", arch, 32)
+        for name, kernel, sig, consts, *opts in _specializations(tb):
+            t0 = time.time()
+            try:
+                compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts), target=target,
+                                          options=opts[0] if opts else None)
+            except Exception as exc:  # report every failure, keep going
+                failures += 1
+                print(f"| {name} | sm_{arch} | FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:200]} | | | |")
+                continue
+            usage = _resource_usage(compiled.asm["cubin"]) or ("?", "?", "?")
+            print(f"| {name} | sm_{arch} | {usage[0]} | {usage[1]} | {usage[2]} | {time.time() - t0:.1f} |")
+    print(f"{failures} failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -267,21 +267,91 @@ def profile_step(device):
     log(f"  host cost per launch: torch x.add_(1) {host_cost(lambda: x.add_(1)):.1f} us; "
         f"triton finalize kernel (6 pointers) {host_cost(lambda: tb.finalize(x[:8], tb.Prep(x, lo.long(), lo, lo, x), True)):.1f} us")
     log(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=22))
-    # the same step captured in a CUDA graph: GPU time without launch gaps
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            E.grad = None
+    # the opt-in counting-sort prep (one launch instead of torch.sort's): host time and correctness
+    from pnp_kernels.backends import triton as tb_mod
+    ref_loss = pnp_loss(E.detach(), y, variant="Dq").item()
+    saved = tb_mod.COUNT_SORT_MAX_B
+    tb_mod.COUNT_SORT_MAX_B = 4096
+    try:
+        cs_loss = pnp_loss(E.detach(), y, variant="Dq").item()
+        for _ in range(5):
             step()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    E.grad = None
-    with torch.cuda.graph(graph):
-        step()
-    ms = triton.testing.do_bench(graph.replay, warmup=25, rep=100, return_mode="median")
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step()
+        cs_us = (time.perf_counter() - t0) / n * 1e6
+        torch.cuda.synchronize()
+    finally:
+        tb_mod.COUNT_SORT_MAX_B = saved
+    log(f"  counting-sort prep: host time per call {cs_us:.1f} us (torch.sort path {host_us:.1f} us); "
+        f"loss {cs_loss:.7f} vs {ref_loss:.7f}")
+    # the same step captured in a CUDA graph: GPU time without launch gaps
+    ms = graph_ms(step, E, quick=False)
     log(f"  B=384 fwd+bwd replayed from a CUDA graph: {ms * 1000:.1f} us")
-    return True
+    return abs(cs_loss - ref_loss) <= 1e-6 * abs(ref_loss)
+
+
+def mixed_precision(device):
+    """float16/bfloat16 embeddings and autocast on the GPU: finite, float32 loss, grads in the
+    input dtype, error <= 2x that of the reference computed in the same half precision."""
+    gen = torch.Generator().manual_seed(6)
+    ok = True
+    for dtype in (torch.float16, torch.bfloat16):
+        for v in VARIANTS:
+            E32 = torch.randn(96, 64, generator=gen)
+            y = (torch.arange(96) // 4)[torch.randperm(96, generator=gen)].to(device)
+            Eh = E32.to(device=device, dtype=dtype).requires_grad_()
+            loss = pnp_loss(Eh, y, variant=v, anneal=0.05)
+            g, = torch.autograd.grad(loss, Eh)
+            E64 = Eh.detach().double().requires_grad_()
+            ref = pnp_loss_reference(E64, y, variant=v, anneal=0.05)
+            g_ref, = torch.autograd.grad(ref, E64)
+            Eh2 = Eh.detach().clone().requires_grad_()
+            ref_h = pnp_loss_reference(Eh2, y, variant=v, anneal=0.05)
+            g_h, = torch.autograd.grad(ref_h, Eh2)
+            e_ours = rel_err(g, g_ref)
+            e_half = rel_err(g_h, g_ref)
+            finite = bool(torch.isfinite(g).all().item() and torch.isfinite(loss).item())
+            good = (finite and loss.dtype == torch.float32 and g.dtype == dtype
+                    and (e_ours <= 2 * e_half + 1e-6 or (not torch.isfinite(g_h).all() and e_ours <= 5e-3)))
+            ok &= good
+            log(f"  {str(dtype):15s} {v:2s}: grad err ours {e_ours:.1e}, half reference {e_half:.1e}, "
+                f"loss err {rel_err(loss.detach().reshape(1), ref.detach().reshape(1)):.1e} {'ok' if good else 'FAIL'}")
+    x = torch.randn(128, 32, device=device)
+    y = (torch.arange(128) // 4).to(device)
+    lin = torch.nn.Linear(32, 64).to(device)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = pnp_loss(lin(x), y, variant="Dq")
+    loss.backward()
+    good = loss.dtype == torch.float32 and torch.isfinite(lin.weight.grad).all().item()
+    log(f"  autocast(bfloat16) Linear -> pnp_loss: loss {loss.item():.6f} ({loss.dtype}), finite grads: {good}")
+    return ok and good
+
+
+def compiled_step(device):
+    """torch.compile(fullgraph=True) of a training step with the triton backend equals eager."""
+    import torch._dynamo
+
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(256, 32, generator=gen).to(device)
+    y = (torch.arange(256) // 4)[torch.randperm(256, generator=gen)].to(device)
+    results = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        lin = torch.nn.Linear(32, 64).to(device)
+
+        def fwd(inp, lab):
+            return pnp_loss(lin(inp), lab, variant="Dq", backend="triton")
+        f = torch.compile(fwd, fullgraph=True) if compiled else fwd
+        loss = f(x, y)
+        loss.backward()
+        results.append((loss.detach(), lin.weight.grad.clone()))
+    dl = (results[0][0] - results[1][0]).abs().item()
+    dg = rel_err(results[1][1], results[0][1])
+    log(f"  compiled (fullgraph) vs eager: |d loss| {dl:.1e}, grad rel diff {dg:.1e}")
+    return dl <= 1e-5 and dg <= 1e-4
 
 
 def graph_ms(step, E, quick):
@@ -446,6 +516,10 @@ def main():
             section("determinism", lambda: determinism(device, 2048, 512), results)
         if "profile" not in skip:
             section("profile", lambda: profile_step(device), results)
+        if "mixed" not in skip:
+            section("mixed", lambda: mixed_precision(device), results)
+        if "compiled_step" not in skip:
+            section("compiled_step", lambda: compiled_step(device), results)
         tables = {}
         if "bench" not in skip:
             def bench():

@@ -30,6 +30,16 @@ def _check_positive(name: str, value) -> float:
     return float(value)
 
 
+def check_options(similarity, reduction, backend) -> None:
+    """Raise ValueError naming the option when similarity/reduction/backend is unknown."""
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"similarity: unknown value {similarity!r}; valid values are {', '.join(SIMILARITIES)}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction: unknown value {reduction!r}; valid values are {', '.join(REDUCTIONS)}")
+    if backend != "auto" and backend not in BACKEND_NAMES:
+        raise ValueError(f"backend: unknown value {backend!r}; valid values are auto, {', '.join(BACKEND_NAMES)}")
+
+
 def _validate(embeddings, labels, similarity, reduction, backend):
     if not isinstance(embeddings, torch.Tensor):
         raise TypeError(f"embeddings: expected a torch.Tensor, got {type(embeddings).__name__}")
@@ -53,12 +63,7 @@ def _validate(embeddings, labels, similarity, reduction, backend):
         raise ValueError("embeddings: empty batch (batch size 0)")
     if embeddings.shape[1] == 0:
         raise ValueError("embeddings: embedding dimension is 0")
-    if similarity not in SIMILARITIES:
-        raise ValueError(f"similarity: unknown value {similarity!r}; valid values are {', '.join(SIMILARITIES)}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction: unknown value {reduction!r}; valid values are {', '.join(REDUCTIONS)}")
-    if backend != "auto" and backend not in BACKEND_NAMES:
-        raise ValueError(f"backend: unknown value {backend!r}; valid values are auto, {', '.join(BACKEND_NAMES)}")
+    check_options(similarity, reduction, backend)
 
 
 def pnp_loss(

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .functional import _check_positive, pnp_loss
+from .functional import _check_positive, check_options, pnp_loss
 from .variants import resolve_variant
 
 __all__ = ["PNPLoss"]
@@ -31,14 +31,7 @@ class PNPLoss(nn.Module):
         self.anneal = _check_positive("anneal", anneal)
         self.alpha = _check_positive("alpha", alpha)
         self.b = _check_positive("b", b)
-        from .functional import REDUCTIONS, SIMILARITIES
-        from .backends import BACKEND_NAMES
-        if similarity not in SIMILARITIES:
-            raise ValueError(f"similarity: unknown value {similarity!r}; valid values are {', '.join(SIMILARITIES)}")
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction: unknown value {reduction!r}; valid values are {', '.join(REDUCTIONS)}")
-        if backend != "auto" and backend not in BACKEND_NAMES:
-            raise ValueError(f"backend: unknown value {backend!r}; valid values are auto, {', '.join(BACKEND_NAMES)}")
+        check_options(similarity, reduction, backend)
         self.similarity = similarity
         self.reduction = reduction
         self.backend = backend

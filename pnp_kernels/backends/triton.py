@@ -477,8 +477,11 @@ def symmetric_grad_from(impl, G, grad_out, prep: Prep, n_valid, mean: bool):
     return _launch_symmetric(G, g, 0, prep.perm, n_valid, 1.0, 2 if mean else 1)
 
 
-# Up to this batch size the O(B^2)-compare counting sort (one launch) beats torch.sort's launches.
-COUNT_SORT_MAX_B = 4096
+# Batches up to this size may use the fused counting-sort prep kernel (one launch instead of
+# torch.sort's several; O(B^2) compares). 0 = off: it passes the interpreter suite and compiles
+# for sm_90 but has not been measured on a GPU yet (bench/gpu_check.py's profile section
+# compares both paths); the default is the torch.sort path that was checked on an H200.
+COUNT_SORT_MAX_B = int(os.environ.get("PNP_KERNELS_COUNT_SORT_MAX_B", "0"))
 
 
 def _row_block(D: int):

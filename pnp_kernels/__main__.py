@@ -90,8 +90,8 @@ def main(argv=None) -> int:
                       device, max(1, args.repeats // 2))
     print(f"\nB={B}, D={D}, {args.per_class} per class, variant {args.variant}; "
           f"float64 reference loss {ref.item():.8f}; float32 reference fwd+bwd {ref_ms:.2f} ms")
-    print(f"| backend | loss | loss rel err | grad rel err | fwd+bwd ms (median) | memory | check |")
-    print(f"|---|---|---|---|---|---|---|")
+    print("| backend | loss | loss rel err | grad rel err | fwd+bwd ms (median) | memory | check |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r[0]} | {r[1]:.8f} | {r[2]:.1e} | {r[3]:.1e} | {r[4]:.3f} | {r[5]} | {r[6]} |")
     return 0 if ok and rows else 1

@@ -15,7 +15,7 @@ so nothing here synchronises the host with the GPU. The normalisation matches
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 

@@ -24,7 +24,6 @@ the backward GEMM dX = H X.
 """
 from __future__ import annotations
 
-import math
 import os
 
 import torch

@@ -32,10 +32,10 @@ def _specializations(tb):
                    "alpha": f32, "b": f32, "VARIANT": "constexpr", "COMPUTE_GRAD": "constexpr",
                    "TILE": "constexpr"}
             out.append((f"_pnp_fwd_kernel[variant={variant},grad={grad}]", tb._pnp_fwd_kernel, sig,
-                        {"VARIANT": variant, "COMPUTE_GRAD": grad, "TILE": tb._tile(0)}))
+                        {"VARIANT": variant, "COMPUTE_GRAD": grad, "TILE": tb._tile()}))
     for mode in (0, 1, 2):
         sig = {"G_ptr": "*fp32", "stride_g": i32, "H_ptr": "*fp32", "stride_h": i32, "n": i32,
-               "g_ptr": "*fp32", "g_stride": i32, "perm_ptr": "*i64", "n_valid_ptr": "*fp32", "sign": f32,
+               "g_ptr": "*fp32", "g_stride": i32, "perm_ptr": "*i64", "n_valid_ptr": "*fp32",
                "MODE": "constexpr", "BLOCK": "constexpr"}
         out.append((f"_symmetric_grad_kernel[mode={mode}]", tb._symmetric_grad_kernel, sig,
                     {"MODE": mode, "BLOCK": 64}, {"num_warps": tb.SYMMETRIC_NUM_WARPS}))

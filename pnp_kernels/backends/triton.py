@@ -11,16 +11,19 @@ chunk of BLOCK_P positives it makes
           G_pj = -(1/tau) c_pj sum_k sigma'_pjk       for positives j
           with c_pj = f'(R_pj) / |P_p|
 
-so the gradient is ready when the forward returns and backward is only GEMMs.
-Rows with more positives than BLOCK_P accumulate G over chunks with a
-read-modify-write of their own row (no atomics: deterministic).
+so the gradient is ready when the forward returns. BLOCK_P (4, 8 or 16) is picked
+per row from its class size; rows with more than 16 positives accumulate G over
+chunks with a read-modify-write of their own row (no atomics: deterministic).
 
 Sigmoids are evaluated as 1 / (1 + 2^z) with z = (S_pj - S_pk) log2(e)/tau
-clamped at 100: no overflow, no NaN, and sigma' = 2^z sigma^2 stays exact in
-both tails.
+(clamped at 100 in pass 2): no NaN, and sigma' = 2^z sigma^2 stays exact in both
+tails.
 
-``_symmetric_grad_kernel`` forms H = diag(g) G + (diag(g) G)^T tile by tile for
-the backward GEMM dX = H X.
+Around it: ``_prep_kernel`` (after torch.sort) or the opt-in ``_prep_count_kernel``
+find the class segments and gather + normalise the embeddings, ``_finalize_kernel``
+reduces the per-row losses, and in backward ``_symmetric_grad_kernel`` forms
+H = diag(g) G + (diag(g) G)^T for the GEMM dX = H X, then ``_unprep_kernel`` goes
+back through the normalisation and the sort.
 """
 from __future__ import annotations
 
@@ -222,22 +225,22 @@ if triton is not None:
         tl.store(loss_ptr + row, loss * inv_cnt)
 
     @triton.jit
-    def _row_weights(g_ptr, g_stride, perm_ptr, n_valid_ptr, sign, offs, mask, MODE: tl.constexpr):
-        # MODE 0: g[p * stride]; 1: sign * g[perm[p]] ("none"); 2: sign * g[0] / max(n_valid, 1) ("mean")
+    def _row_weights(g_ptr, g_stride, perm_ptr, n_valid_ptr, offs, mask, MODE: tl.constexpr):
+        # MODE 0: g[p * stride]; 1: g[perm[p]] ("none"); 2: g[0] / max(n_valid, 1) ("mean")
         if MODE == 0:
             g = tl.load(g_ptr + offs * g_stride, mask=mask, other=0.0)
         elif MODE == 1:
             src = tl.load(perm_ptr + offs, mask=mask, other=0)
-            g = sign * tl.load(g_ptr + src, mask=mask, other=0.0)
+            g = tl.load(g_ptr + src, mask=mask, other=0.0)
         else:
-            scale = sign * tl.load(g_ptr) / tl.maximum(tl.load(n_valid_ptr), 1.0)
+            scale = tl.load(g_ptr) / tl.maximum(tl.load(n_valid_ptr), 1.0)
             g = tl.where(mask, scale, 0.0)
         return g
 
     @triton.jit
     def _symmetric_grad_kernel(
         G_ptr, stride_g, H_ptr, stride_h, n,
-        g_ptr, g_stride, perm_ptr, n_valid_ptr, sign,
+        g_ptr, g_stride, perm_ptr, n_valid_ptr,
         MODE: tl.constexpr, BLOCK: tl.constexpr,
     ):
         # H[a, b] = g_a G[a, b] + g_b G[b, a]: the gradient of S = X X^T folded onto one factor.
@@ -248,8 +251,8 @@ if triton is not None:
         ma = offs_a < n
         mb = offs_b < n
         m2 = ma[:, None] & mb[None, :]
-        g_a = _row_weights(g_ptr, g_stride, perm_ptr, n_valid_ptr, sign, offs_a, ma, MODE)
-        g_b = _row_weights(g_ptr, g_stride, perm_ptr, n_valid_ptr, sign, offs_b, mb, MODE)
+        g_a = _row_weights(g_ptr, g_stride, perm_ptr, n_valid_ptr, offs_a, ma, MODE)
+        g_b = _row_weights(g_ptr, g_stride, perm_ptr, n_valid_ptr, offs_b, mb, MODE)
         a64 = offs_a.to(tl.int64)
         b64 = offs_b.to(tl.int64)
         G_ab = tl.load(G_ptr + a64[:, None] * stride_g + b64[None, :], mask=m2, other=0.0)
@@ -405,7 +408,7 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 
 
-def _tile(n_cols: int) -> int:
+def _tile() -> int:
     """Elements per (positives x columns) tile: 2048 keeps 4 warps at 16 per thread."""
     if interpreter_active():
         return 256
@@ -433,7 +436,7 @@ def rows_forward(
     G = torch.empty_like(S) if compute_grad else out  # dummy pointer when unused
     if n_rows == 0:
         return out, (G if compute_grad else None)
-    TILE = tile or _tile(n_cols)
+    TILE = tile or _tile()
     _pnp_fwd_kernel[(n_rows,)](
         S, S.stride(0),
         lo, hi,
@@ -453,12 +456,12 @@ def rows_forward(
 SYMMETRIC_NUM_WARPS = 8
 
 
-def _launch_symmetric(G, g, g_stride, perm, n_valid, sign, mode):
+def _launch_symmetric(G, g, g_stride, perm, n_valid, mode):
     n = G.shape[0]
     H = torch.empty_like(G)
     block = 32 if interpreter_active() else 64
     grid = (triton.cdiv(n, block), triton.cdiv(n, block))
-    _symmetric_grad_kernel[grid](G, G.stride(0), H, H.stride(0), n, g, g_stride, perm, n_valid, float(sign),
+    _symmetric_grad_kernel[grid](G, G.stride(0), H, H.stride(0), n, g, g_stride, perm, n_valid,
                                  MODE=mode, BLOCK=block, num_warps=SYMMETRIC_NUM_WARPS)
     return H
 
@@ -467,13 +470,13 @@ def symmetric_grad(G: torch.Tensor, row_grad: torch.Tensor) -> torch.Tensor:
     """diag(g) G + (diag(g) G)^T for a square float32 G, in one pass."""
     check_device(G)
     g = row_grad.to(torch.float32)
-    return _launch_symmetric(G, g, g.stride(0), g, g, 1.0, 0)
+    return _launch_symmetric(G, g, g.stride(0), g, g, 0)
 
 
 def symmetric_grad_from(impl, G, grad_out, prep: Prep, n_valid, mean: bool):
     """H from the upstream gradient directly: the row weights are formed inside the kernel."""
     g = grad_out.to(torch.float32).contiguous()
-    return _launch_symmetric(G, g, 0, prep.perm, n_valid, 1.0, 2 if mean else 1)
+    return _launch_symmetric(G, g, 0, prep.perm, n_valid, 2 if mean else 1)
 
 
 # Batches up to this size may use the fused counting-sort prep kernel (one launch instead of

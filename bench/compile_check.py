@@ -1,6 +1,6 @@
-"""Compile every Triton kernel specialization for a GPU target, without a GPU.
+"""Compile every Triton kernel specialization, and the CUDA extension, for a GPU target, without a GPU.
 
-    python bench/compile_check.py [--arch 90] [--arch 80]
+    python bench/compile_check.py [--arch 90] [--arch 80] [--no-cuda-ext]
 
 Triton ships ptxas, so on a CPU-only machine this lowers each kernel of
 pnp_kernels/backends/triton.py (every variant, with and without gradient, cosine
@@ -9,6 +9,12 @@ capabilities, and prints registers, spills and shared memory per kernel (from
 cuobjdump's resource usage when available). It proves the kernels compile for
 that GPU, not that they run right there: bench/gpu_check.py does that.
 Must run without TRITON_INTERPRET (it re-executes itself without it).
+
+When nvcc is on PATH (or in $CUDA_HOME/bin), it also compiles csrc/pnp_cuda.cu (the
+ext backend's CUDA kernels) to an object file for each target with ``-Xptxas -v``
+and prints registers and spills per kernel. A CPU-only torch wheel lacks one
+generated header (c10/cuda/impl/cuda_cmake_macros.h); a one-line stand-in is put on
+the include path for this compile-only check (nothing is linked or loaded).
 """
 from __future__ import annotations
 
@@ -56,9 +62,10 @@ def _specializations(tb):
                         {"COSINE": cosine, "BLOCK_R": BLOCK_R, "BLOCK_D": BLOCK_D}))
             sig = {"dXs_ptr": "*fp32", "Xs_ptr": "*fp32", "denom_ptr": "*fp32", "perm_ptr": "*i64",
                    "dE_ptr": f"*{edtype}", "stride_er": i32, "stride_ec": i32, "n": i32, "D": i32, "eps": f32,
-                   "COSINE": "constexpr", "BLOCK_R": "constexpr", "BLOCK_D": "constexpr"}
+                   "out_max": f32, "COSINE": "constexpr", "SATURATE": "constexpr", "BLOCK_R": "constexpr",
+                   "BLOCK_D": "constexpr"}
             out.append((f"_unprep_kernel[{edtype},cosine={cosine}]", tb._unprep_kernel, sig,
-                        {"COSINE": cosine, "BLOCK_R": BLOCK_R, "BLOCK_D": BLOCK_D}))
+                        {"COSINE": cosine, "SATURATE": edtype == "fp16", "BLOCK_R": BLOCK_R, "BLOCK_D": BLOCK_D}))
     for mean in (True, False):
         sig = {"per_row_ptr": "*fp32", "lo_ptr": "*i32", "hi_ptr": "*i32", "perm_ptr": "*i64", "out_ptr": "*fp32",
                "n_valid_ptr": "*fp32", "n": i32, "MEAN": "constexpr", "BLOCK": "constexpr"}
@@ -87,9 +94,76 @@ def _resource_usage(cubin: bytes):
             int(shared.group(1)) if shared else -1)
 
 
+def _nvcc():
+    import shutil
+
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    cand = os.path.join(home, "bin", "nvcc") if home else None
+    return cand if cand and os.path.exists(cand) else shutil.which("nvcc")
+
+
+def check_cuda_ext(archs) -> int:
+    """nvcc-compile csrc/pnp_cuda.cu for each arch; print per-kernel registers/spills; return failures."""
+    import sysconfig
+
+    import torch
+
+    nvcc = _nvcc()
+    if nvcc is None:
+        print("\nCUDA extension: nvcc not found, not checked")
+        return 0
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    src = os.path.join(root, "csrc", "pnp_cuda.cu")
+    tinc = os.path.join(os.path.dirname(torch.__file__), "include")
+    failures = 0
+    print(f"\nCUDA extension ({os.path.relpath(src, root)}), {nvcc}")
+    print("| kernel | target | registers | spill stores/loads bytes | shared bytes |")
+    print("|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        stub = os.path.join(tmp, "c10", "cuda", "impl")
+        os.makedirs(stub)
+        if not os.path.exists(os.path.join(tinc, "c10", "cuda", "impl", "cuda_cmake_macros.h")):
+            with open(os.path.join(stub, "cuda_cmake_macros.h"), "w") as f:
+                f.write("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+        for arch in archs:
+            cmd = [nvcc, "-c", "-O3", "-std=c++17", f"-arch=sm_{arch}", "-Xptxas", "-v",
+                   "-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=pnp_compile_check",
+                   "-I" + os.path.join(root, "csrc"), "-I" + tmp, "-isystem", tinc,
+                   "-isystem", os.path.join(tinc, "torch", "csrc", "api", "include"),
+                   "-isystem", sysconfig.get_paths()["include"], src, "-o", os.path.join(tmp, "pnp_cuda.o")]
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+            if res.returncode != 0:
+                failures += 1
+                print(f"| pnp_cuda.cu | sm_{arch} | FAILED: {res.stderr.strip().splitlines()[-1][:200]} | | |")
+                continue
+            name = None
+            for line in res.stderr.splitlines():
+                m = re.search(r"Compiling entry function '(\S+)'", line)
+                if m:
+                    name = _demangle_kernel(m.group(1))
+                m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+                if m:
+                    spill = f"{m.group(1)}/{m.group(2)}"
+                m = re.search(r"Used (\d+) registers.*?(\d+) bytes smem", line)
+                if m and name:
+                    print(f"| {name} | sm_{arch} | {m.group(1)} | {spill} | {m.group(2)} |")
+                    name = None
+    return failures
+
+
+def _demangle_kernel(mangled: str) -> str:
+    """A short readable name: the kernel's identifier and its template arguments (f/d, grad)."""
+    m = re.search(r"(pnp_rows_kernel|symmetric_grad_kernel)I([fd])(?:Lb([01])E)?", mangled)
+    if not m:
+        return mangled[:60]
+    dtype = {"f": "float", "d": "double"}[m.group(2)]
+    return f"{m.group(1)}<{dtype}" + (f", grad={m.group(3) == '1'}>" if m.group(3) else ">")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", type=int, action="append", help="compute capability, e.g. 90 (default: 90)")
+    ap.add_argument("--no-cuda-ext", action="store_true", help="skip the nvcc compile of csrc/pnp_cuda.cu")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -120,6 +194,10 @@ def main(argv=None) -> int:
             usage = _resource_usage(compiled.asm["cubin"]) or ("?", "?", "?")
             print(f"| {name} | sm_{arch} | {usage[0]} | {usage[1]} | {usage[2]} | {time.time() - t0:.1f} |")
     print(f"{failures} failed")
+    if not args.no_cuda_ext:
+        ext_failures = check_cuda_ext(archs)
+        print(f"CUDA extension: {ext_failures} failed")
+        failures += ext_failures
     return 1 if failures else 0
 
 

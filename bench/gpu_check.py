@@ -8,7 +8,9 @@ Sections (each one guarded, so a failure is reported and the rest still runs):
   1. parity: triton / torch / ext backends x 5 variants x 2 similarities x label
      patterns vs the float64 B^3 reference (B <= 384), and triton vs the float64
      torch backend at B = 1024; loss and gradient relative errors.
-  2. sync-free: a forward+backward under torch.cuda.set_sync_debug_mode("error").
+  2. sync-free: a forward+backward under torch.cuda.set_sync_debug_mode("error")
+     (triton, and ext when its CUDA kernels are built); ext_guard: the raw CUDA op
+     with an out-of-range segment gives a NaN row, not a crash.
   3. CUDA graph: a whole training step (forward, backward, SGD step) captured
      and replayed; the same loss and parameters as eager.
   4. determinism: two runs give bitwise-identical loss and gradient.
@@ -33,6 +35,7 @@ import torch
 
 import pnp_kernels
 from pnp_kernels import pnp_loss
+from pnp_kernels.backends import ext as ext_backend
 from pnp_kernels.reference import pnp_loss_reference
 
 VARIANTS = ["O", "Ds", "Dq", "Iu", "Ib"]
@@ -138,22 +141,39 @@ def make_batch(B, D, P, device, gen, dtype=torch.float32):
     return E, y
 
 
-def sync_free(device):
+def sync_free(device, backends):
     gen = torch.Generator().manual_seed(1)
     E, y = make_batch(384, 512, 4, device, gen)
     E.requires_grad_()
-    pnp_loss(E, y, variant="Dq").backward()  # warm-up: compile kernels, allocate
-    torch.cuda.synchronize()
-    E.grad = None
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        loss = pnp_loss(E, y, variant="Dq")
-        loss.backward()
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    torch.cuda.synchronize()
-    log(f"  forward+backward under set_sync_debug_mode('error'): no sync raised; loss {loss.item():.6f}")
+    for backend in backends:
+        pnp_loss(E, y, variant="Dq", backend=backend).backward()  # warm-up: compile kernels, allocate
+        torch.cuda.synchronize()
+        E.grad = None
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            loss = pnp_loss(E, y, variant="Dq", backend=backend)
+            loss.backward()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        torch.cuda.synchronize()
+        E.grad = None
+        log(f"  {backend}: forward+backward under set_sync_debug_mode('error'): no sync raised; "
+            f"loss {loss.item():.6f}")
     return True
+
+
+def ext_bad_segment(device):
+    """The raw CUDA op with a segment past the row's end: a NaN row, no out-of-bounds access."""
+    ops = torch.ops.pnp_kernels_ext
+    S = torch.randn(4, 16, device=device)
+    lo = torch.tensor([0, 4, 14, 8], dtype=torch.int32, device=device)
+    hi = torch.tensor([4, 8, 40, 12], dtype=torch.int32, device=device)  # row 2 ends past column 16
+    loss, G = ops.rows_forward(S, lo, hi, 0, 0.05, 1.0, 2.0, True)
+    torch.cuda.synchronize()
+    ok = bool(torch.isnan(loss[2])) and bool(torch.isnan(G[2]).all()) and bool(torch.isfinite(loss[[0, 1, 3]]).all())
+    log(f"  ext CUDA rows_forward with an out-of-range segment: loss {loss.tolist()} -> "
+        f"{'NaN row, others finite' if ok else 'UNEXPECTED'}")
+    return ok
 
 
 def cuda_graph_step(device):
@@ -506,7 +526,9 @@ def main():
         if "parity" not in skip:
             section("parity", lambda: parity(device, backends, [61, 384] if not args.quick else [61], 1024), results)
         if "sync" not in skip:
-            section("sync", lambda: sync_free(device), results)
+            section("sync", lambda: sync_free(device, [b for b in ("triton", "ext") if b in backends]), results)
+        if "ext_guard" not in skip and "ext" in backends and ext_backend.cuda_status() == "":
+            section("ext_guard", lambda: ext_bad_segment(device), results)
         if "graph" not in skip:
             section("graph", lambda: cuda_graph_step(device), results)
         if "determinism" not in skip:

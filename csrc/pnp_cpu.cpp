@@ -46,13 +46,14 @@ struct Exp2NonPos;
 // stay normal floats: denormal arithmetic is ~100x slower on x86): Cephes'
 // exp2f polynomial on [-0.5, 0.5] (relative error ~2e-7) times 2^n built from
 // the exponent bits. No branches, no calls: vectorisable with plain -O3.
-// The clamp changes sigma and sigma' only where they are below 3e-38.
+// The clamp changes sigma and sigma' only where they are below 3e-38; NaN in, NaN out.
 template <>
 struct Exp2NonPos<float> {
   static inline float eval(float w) {
-    w = w > -125.0f ? w : -125.0f;
-    const int32_t n = static_cast<int32_t>(w - 0.5f);  // nearest integer (w <= 0)
-    const float x = w - static_cast<float>(n);         // in [-0.5, 0.5]
+    const float wc = w > -125.0f ? w : -125.0f;         // NaN -> -125: a defined integer part
+    const int32_t n = static_cast<int32_t>(wc - 0.5f);  // nearest integer (w <= 0)
+    // in [-0.5, 0.5]; a NaN w stays NaN here, so NaN inputs give a NaN result (and loss)
+    const float x = (w != w ? w : wc) - static_cast<float>(n);
     float p = 1.535336188319500e-4f;
     p = p * x + 1.339887440266574e-3f;
     p = p * x + 9.618437357674640e-3f;

@@ -2,7 +2,8 @@
 // the schemas are defined in pnp_cpu.cpp). Same algorithm as the Triton kernel
 // _pnp_fwd_kernel in pnp_kernels/backends/triton.py:
 //
-// one block of kThreads threads per query row p; positives in chunks of kChunk.
+// one block of kThreads threads per query row p; positives in chunks of kChunk, or
+// of kChunk / 2 when at most that many are left (4 per class: no half-empty chunk).
 // Thread t owns the columns k = t, t + kThreads, ... of the row, for both the
 // loads of S and every store to G, so G needs no atomics and no inter-thread
 // ordering: read-modify-write of G across chunks is thread-local.
@@ -15,8 +16,10 @@
 //
 // with z = (S_pj - S_pk) log2(e)/tau, e = 2^-|z| (never overflows),
 // sigma = (z >= 0 ? e : 1)/(1 + e), sigma' = e/(1 + e)^2: exact in both tails,
-// never NaN or inf. Reductions are warp butterflies then a fixed-order sum over
-// warps: deterministic.
+// never NaN or inf for finite S. Reductions are warp butterflies then a fixed-order
+// sum over warps: deterministic. A row whose segment does not fit in [0, n) gets a
+// NaN loss and a NaN gradient row instead of an out-of-bounds access (checking it
+// on the host would synchronise).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -39,29 +42,103 @@ constexpr int kChunk = 8;
 
 __device__ __forceinline__ float exp2_t(float x) { return exp2f(x); }
 __device__ __forceinline__ double exp2_t(double x) { return exp2(x); }
+// 1 / (1 + e) for e in [0, 1]: the float version is the MUFU reciprocal (2 ulp, as
+// Triton's fp32 division), not the ~10-instruction IEEE division.
+__device__ __forceinline__ float inv_1p(float e) { return __fdividef(1.0f, 1.0f + e); }
+__device__ __forceinline__ double inv_1p(double e) { return 1.0 / (1.0 + e); }
 
-// Sum each of v[0..kChunk) over the block; every thread gets the totals.
-template <typename T>
-__device__ __forceinline__ void block_sum(T (&v)[kChunk], T* smem /* kWarps * kChunk */) {
+// Sum each of v[0..CH) over the block; every thread gets the totals.
+template <typename T, int CH>
+__device__ __forceinline__ void block_sum(T (&v)[CH], T* smem /* kWarps * CH */) {
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
 #pragma unroll
-  for (int j = 0; j < kChunk; ++j) {
+  for (int j = 0; j < CH; ++j) {
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) v[j] += __shfl_xor_sync(0xffffffffu, v[j], off);
   }
   if (lane == 0) {
 #pragma unroll
-    for (int j = 0; j < kChunk; ++j) smem[warp * kChunk + j] = v[j];
+    for (int j = 0; j < CH; ++j) smem[warp * CH + j] = v[j];
   }
   __syncthreads();
 #pragma unroll
-  for (int j = 0; j < kChunk; ++j) {
+  for (int j = 0; j < CH; ++j) {
     T acc = T(0);
-    for (int w = 0; w < kWarps; ++w) acc += smem[w * kChunk + j];
+    for (int w = 0; w < kWarps; ++w) acc += smem[w * CH + j];
     v[j] = acc;
   }
   __syncthreads();  // smem is reused by the next call
+}
+
+// The positives [c0, min(c0 + CH, hi)) of one row: pass 1 (R_j, f, c_j) and, when GRAD,
+// pass 2 (G over the negatives, T_j, G_j). Returns the chunk's sum of f.
+template <typename T, bool GRAD, int CH>
+__device__ __forceinline__ T rows_chunk(const T* __restrict__ s, T* __restrict__ g, int64_t c0, int64_t lo,
+                                        int64_t hi, int64_t n, int variant, T scale, T inv_tau, T alpha, T b,
+                                        T inv_cnt, T* smem) {
+  const int tid = threadIdx.x;
+  T sj[CH];
+  bool pm[CH];
+#pragma unroll
+  for (int jj = 0; jj < CH; ++jj) {
+    pm[jj] = c0 + jj < hi;
+    sj[jj] = pm[jj] ? s[c0 + jj] : T(0);
+  }
+  // pass 1: R_j
+  T R[CH];
+#pragma unroll
+  for (int jj = 0; jj < CH; ++jj) R[jj] = T(0);
+  for (int64_t k = tid; k < n; k += kThreads) {
+    if (k >= lo && k < hi) continue;  // positives are not negatives
+    const T sk = s[k];
+#pragma unroll
+    for (int jj = 0; jj < CH; ++jj) {
+      const T z = (sj[jj] - sk) * scale;
+      const T e = exp2_t(-fabs(z));
+      R[jj] += (z >= T(0) ? e : T(1)) * inv_1p(e);
+    }
+  }
+  block_sum<T, CH>(R, smem);
+  T coef[CH];
+  T loss_acc = T(0);
+#pragma unroll
+  for (int jj = 0; jj < CH; ++jj) {
+    T f, df;
+    variant_f_df<T>(variant, R[jj], alpha, b, f, df);
+    loss_acc += pm[jj] ? f : T(0);
+    coef[jj] = pm[jj] ? df * inv_cnt : T(0);
+  }
+  if (GRAD) {
+    // pass 2: G over the negatives (owner threads), T_j partials
+    T Tp[CH];
+#pragma unroll
+    for (int jj = 0; jj < CH; ++jj) Tp[jj] = T(0);
+    for (int64_t k = tid; k < n; k += kThreads) {
+      T acc = T(0);
+      if (k < lo || k >= hi) {
+        const T sk = s[k];
+#pragma unroll
+        for (int jj = 0; jj < CH; ++jj) {
+          const T z = (sj[jj] - sk) * scale;
+          const T e = exp2_t(-fabs(z));
+          const T inv = inv_1p(e);
+          const T d = e * inv * inv;
+          Tp[jj] += d;
+          acc += coef[jj] * d;
+        }
+      }
+      const T prev = (c0 == lo) ? T(0) : g[k];
+      g[k] = prev + acc * inv_tau;
+    }
+    block_sum<T, CH>(Tp, smem);
+#pragma unroll
+    for (int jj = 0; jj < CH; ++jj) {
+      const int64_t j = c0 + jj;
+      if (pm[jj] && (j % kThreads) == tid) g[j] = -coef[jj] * Tp[jj] * inv_tau;
+    }
+  }
+  return loss_acc;
 }
 
 template <typename T, bool GRAD>
@@ -78,6 +155,13 @@ __global__ void __launch_bounds__(kThreads)
   const T* s = S + row * ss;
   T* g = GRAD ? G + row * sg : nullptr;
 
+  if (cnt >= 2 && (lo < 0 || hi > n)) {  // invalid segment: NaN, never an out-of-bounds access
+    const T nan = static_cast<T>(NAN);
+    if (tid == 0) loss[row] = nan;
+    if (GRAD)
+      for (int64_t k = tid; k < n; k += kThreads) g[k] = nan;
+    return;
+  }
   if (cnt < 2) {  // dropped query: loss 0, zero gradient row
     if (tid == 0) loss[row] = T(0);
     if (GRAD)
@@ -86,68 +170,14 @@ __global__ void __launch_bounds__(kThreads)
   }
   const T inv_cnt = T(1) / static_cast<T>(cnt);
   T loss_acc = T(0);
-
+  // The chunk width is uniform over the block (it depends on the row only): no divergence.
   for (int64_t c0 = lo; c0 < hi; c0 += kChunk) {
-    T sj[kChunk];
-    bool pm[kChunk];
-#pragma unroll
-    for (int jj = 0; jj < kChunk; ++jj) {
-      pm[jj] = c0 + jj < hi;
-      sj[jj] = pm[jj] ? s[c0 + jj] : T(0);
-    }
-    // pass 1: R_j
-    T R[kChunk];
-#pragma unroll
-    for (int jj = 0; jj < kChunk; ++jj) R[jj] = T(0);
-    for (int64_t k = tid; k < n; k += kThreads) {
-      if (k >= lo && k < hi) continue;  // positives are not negatives
-      const T sk = s[k];
-#pragma unroll
-      for (int jj = 0; jj < kChunk; ++jj) {
-        const T z = (sj[jj] - sk) * scale;
-        const T e = exp2_t(-fabs(z));
-        const T inv = T(1) / (T(1) + e);
-        R[jj] += (z >= T(0) ? e : T(1)) * inv;
-      }
-    }
-    block_sum(R, smem);
-    T coef[kChunk];
-#pragma unroll
-    for (int jj = 0; jj < kChunk; ++jj) {
-      T f, df;
-      variant_f_df<T>(variant, R[jj], alpha, b, f, df);
-      loss_acc += pm[jj] ? f : T(0);
-      coef[jj] = pm[jj] ? df * inv_cnt : T(0);
-    }
-    if (GRAD) {
-      // pass 2: G over the negatives (owner threads), T_j partials
-      T Tp[kChunk];
-#pragma unroll
-      for (int jj = 0; jj < kChunk; ++jj) Tp[jj] = T(0);
-      for (int64_t k = tid; k < n; k += kThreads) {
-        T acc = T(0);
-        if (k < lo || k >= hi) {
-          const T sk = s[k];
-#pragma unroll
-          for (int jj = 0; jj < kChunk; ++jj) {
-            const T z = (sj[jj] - sk) * scale;
-            const T e = exp2_t(-fabs(z));
-            const T inv = T(1) / (T(1) + e);
-            const T d = e * inv * inv;
-            Tp[jj] += d;
-            acc += coef[jj] * d;
-          }
-        }
-        const T prev = (c0 == lo) ? T(0) : g[k];
-        g[k] = prev + acc * inv_tau;
-      }
-      block_sum(Tp, smem);
-#pragma unroll
-      for (int jj = 0; jj < kChunk; ++jj) {
-        const int64_t j = c0 + jj;
-        if (pm[jj] && (j % kThreads) == tid) g[j] = -coef[jj] * Tp[jj] * inv_tau;
-      }
-    }
+    if (hi - c0 <= kChunk / 2)
+      loss_acc += rows_chunk<T, GRAD, kChunk / 2>(s, g, c0, lo, hi, n, variant, scale, inv_tau, alpha, b,
+                                                   inv_cnt, smem);
+    else
+      loss_acc += rows_chunk<T, GRAD, kChunk>(s, g, c0, lo, hi, n, variant, scale, inv_tau, alpha, b, inv_cnt,
+                                               smem);
   }
   if (tid == 0) loss[row] = loss_acc * inv_cnt;
 }

@@ -16,7 +16,9 @@ G is computed inside the forward kernel when a gradient is needed (one more pass
 over the negatives there instead of two in a separate backward), and S is freed
 before the forward returns, so at most two B x B buffers live at once. Each
 stage is the backend's own when it has one (the Triton backend fuses them into
-single kernels), else the PyTorch version in ``pipeline.py``. Autocast is off
+single kernels), else the PyTorch version in ``pipeline.py``; a backend with
+``loss_forward``/``loss_backward`` (ext: the pipeline in C++) does a whole direction
+in one call. Autocast is off
 inside: similarities are accumulated and kept in full precision.
 
 Two wrappers call the same ``forward_impl``/``backward_impl``:
@@ -27,6 +29,7 @@ Two wrappers call the same ``forward_impl``/``backward_impl``:
 """
 from __future__ import annotations
 
+import contextlib
 from typing import List
 
 import torch
@@ -38,6 +41,16 @@ from .variants import Variant, variant_by_code
 __all__ = ["PNPFunction", "forward_impl", "backward_impl", "pnp_apply", "is_compiling"]
 
 
+def _autocast_off(device_type: str):
+    """A context with autocast off; free when autocast is already off (entering
+    ``torch.autocast`` costs tens of microseconds of Python, at every step)."""
+    try:
+        on = torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know
+        on = True
+    return torch.autocast(device_type=device_type, enabled=False) if on else contextlib.nullcontext()
+
+
 def _stage(impl, name):
     return getattr(impl, name, None) or getattr(pipeline, name)
 
@@ -47,7 +60,10 @@ def forward_impl(E, labels, variant: Variant, anneal, alpha, b, cosine: bool, me
     """Returns (output, prep, n_valid, G); prep/n_valid/G are what backward needs."""
     impl = get_backend(backend)
     compute_dtype = torch.float64 if E.dtype == torch.float64 else torch.float32
-    with torch.autocast(device_type=E.device.type, enabled=False):
+    with _autocast_off(E.device.type):
+        fused = getattr(impl, "loss_forward", None)
+        if fused is not None:  # the whole pipeline in one backend call
+            return fused(E, labels, variant, anneal, alpha, b, cosine, mean, compute_grad)
         prep = _stage(impl, "prepare")(E, labels, cosine, compute_dtype)
         S = torch.mm(prep.Xs, prep.Xs.t())
         per_row, G = impl.rows_forward(S, prep.lo, prep.hi, variant, anneal, alpha, b, compute_grad)
@@ -59,7 +75,10 @@ def forward_impl(E, labels, variant: Variant, anneal, alpha, b, cosine: bool, me
 def backward_impl(grad_out, prep, n_valid, G, cosine: bool, mean: bool, out_dtype, backend: str):
     """dL/dE from the upstream gradient of the output."""
     impl = get_backend(backend)
-    with torch.autocast(device_type=G.device.type, enabled=False):
+    with _autocast_off(G.device.type):
+        fused = getattr(impl, "loss_backward", None)
+        if fused is not None:
+            return fused(grad_out, prep, n_valid, G, cosine, mean, out_dtype)
         H = _stage(impl, "symmetric_grad_from")(impl, G, grad_out, prep, n_valid, mean)
         dXs = torch.mm(H, prep.Xs)
         del H

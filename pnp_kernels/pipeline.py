@@ -7,6 +7,7 @@
     symmetric_grad_from
                  upstream gradient -> per-row weights g -> H = diag(g) G + (diag(g) G)^T
     unprepare    dL/dXs -> back through the normalisation and the permutation -> dL/dE
+                 (in E's dtype; float16 saturated to +-HALF_MAX instead of overflowing)
 
 Every stage is built from fixed-shape device ops (sort, searchsorted, index_copy),
 so nothing here synchronises the host with the GPU. The normalisation matches
@@ -19,9 +20,13 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["Prep", "NORM_EPS", "prepare", "finalize", "symmetric_grad_from", "unprepare"]
+__all__ = ["Prep", "NORM_EPS", "HALF_MAX", "prepare", "finalize", "symmetric_grad_from", "unprepare"]
 
 NORM_EPS = 1e-12
+# Largest float16. A gradient is written in float16 saturated to +-HALF_MAX: the one
+# finite-input case that overflows is a zero-norm row under "cosine", whose gradient
+# is dXs / eps (~1e12, as F.normalize's), far outside float16's range.
+HALF_MAX = 65504.0
 
 
 class Prep(NamedTuple):
@@ -78,4 +83,6 @@ def unprepare(dXs: torch.Tensor, prep: Prep, cosine: bool, out_dtype: torch.dtyp
         radial = (X * dXs).sum(dim=1, keepdim=True)
         dXs = torch.where(denom > NORM_EPS, (dXs - X * radial) / denom, dXs / denom)
     dE = torch.empty_like(dXs).index_copy_(0, prep.perm, dXs)
+    if out_dtype == torch.float16:  # saturate: the cast must not make inf (clamp keeps NaN)
+        dE = dE.clamp_(-HALF_MAX, HALF_MAX)
     return dE.to(out_dtype)

@@ -57,7 +57,7 @@ def _assert_same(a, b):
     torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
 
 
-@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton", "ext"])
 def test_fullgraph_no_graph_break_matches_eager(backend):
     """torch.compile(fullgraph=True, backend="eager") of a function calling pnp_loss with each
     backend argument: no graph break (it would raise), loss and gradient equal to eager.

@@ -259,3 +259,46 @@ def test_kernel_level_segment_check():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "raised" in out.stdout, (out.returncode, out.stdout, out.stderr[-2000:])
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cosine", [True, False])
+@pytest.mark.parametrize("mean", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_fused_pipeline_matches_staged_pipeline(device, cosine, mean, dtype):
+    """ext's one-op forward/backward (csrc/pnp_pipeline.cpp) against the same ext kernels driven by
+    the PyTorch stages of pipeline.py: identical segments and permutation, and loss, saved tensors
+    and gradient equal to rounding (the C++ stages order a few reductions differently)."""
+    from pnp_kernels import pipeline
+
+    gen = torch.Generator().manual_seed(21)
+    B, D = 37, 10
+    labels = _labels("singletons", B, gen).to(device)
+    E = (torch.randn(B, D, generator=gen) * 1.7).to(device, dtype)
+    E[3] = 0  # a zero-norm row: the eps branch of the normalisation
+    cdt = torch.float64 if dtype == torch.float64 else torch.float32
+    v = VARIANTS["Dq"]
+    out, prep, n_valid, G = ext.loss_forward(E, labels, v, 0.05, 1.5, 2.0, cosine, mean, True)
+
+    sprep = pipeline.prepare(E, labels, cosine, cdt)
+    per_row, sG = ext.rows_forward(sprep.Xs @ sprep.Xs.t(), sprep.lo, sprep.hi, v, 0.05, 1.5, 2.0, True)
+    sout, sn_valid = pipeline.finalize(per_row, sprep, mean)
+    for name in ("perm", "lo", "hi"):
+        assert torch.equal(getattr(prep, name), getattr(sprep, name)), name
+    tol = 1e-12 if cdt == torch.float64 else 1e-6
+    assert out.dtype == cdt and out.shape == sout.shape
+    assert float(n_valid) == float(sn_valid)
+    torch.testing.assert_close(out, sout, rtol=tol, atol=tol)
+    torch.testing.assert_close(prep.Xs, sprep.Xs, rtol=tol, atol=tol)
+    torch.testing.assert_close(prep.denom, sprep.denom, rtol=tol, atol=tol)
+    torch.testing.assert_close(G, sG, rtol=tol, atol=tol)
+
+    grad_out = (torch.rand(out.shape, generator=gen) + 0.5).to(device, cdt)
+    dE = ext.loss_backward(grad_out, prep, n_valid, G, cosine, mean, dtype)
+    H = pipeline.symmetric_grad_from(ext, sG, grad_out, sprep, sn_valid, mean)
+    sdE = pipeline.unprepare(H @ sprep.Xs, sprep, cosine, dtype)
+    assert dE.dtype == dtype and dE.shape == E.shape
+    assert torch.isfinite(dE).all()
+    scale = float(sdE.double().abs().max())
+    torch.testing.assert_close(dE.double(), sdE.double(), rtol=0, atol=max(scale, 1e-30) * (1e-3 if dtype == torch.float16 else tol * 10))

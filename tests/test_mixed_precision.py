@@ -43,7 +43,7 @@ def _require_half_support(backend, dtype):
 
 
 def _device(backend):
-    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    return "cuda" if backend in ("triton", "ext") and torch.cuda.is_available() else "cpu"
 
 
 def _gen(seed):
@@ -90,6 +90,8 @@ ACCURACY_CASES = [
     ("triton", "float16", 0.25),
     ("triton", "float16", 0.05),
     ("triton", "bfloat16", 0.05),  # GPU only
+    ("ext", "float16", 0.05),
+    ("ext", "bfloat16", 0.25),
 ]
 
 
@@ -138,7 +140,8 @@ def test_half_precision_dtypes_finite_and_within_2x_of_half_reference(backend, d
 
 
 @pytest.mark.parametrize("backend,dtype_name", [("torch", "float16"), ("torch", "bfloat16"),
-                                                ("triton", "float16"), ("triton", "bfloat16")])
+                                                ("triton", "float16"), ("triton", "bfloat16"),
+                                                ("ext", "float16"), ("ext", "bfloat16")])
 def test_half_precision_reduction_none_is_float32_vector(backend, dtype_name):
     """reduction="none" on half embeddings: a (B,) float32 vector, finite, matching the float64
     reference per query (float32 accuracy: the inputs are exact in float32), gradient in the half dtype."""
@@ -178,7 +181,7 @@ def test_float16_exp_overflow_mechanism():
     assert torch.isnan(x.grad).all()
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "ext"])
 @pytest.mark.parametrize("anneal", [0.01, 0.05])
 def test_reference_float16_backward_is_nan_where_ours_is_finite(backend, anneal):
     """Float16 inputs, default-like anneal: pnp_loss_reference's gradient is NaN (its loss is

@@ -19,7 +19,7 @@ from pnp_kernels import pnp_loss  # noqa: E402
 from pnp_kernels.reference import pnp_loss_reference  # noqa: E402
 
 VARIANTS = ("O", "Ds", "Dq", "Iu", "Ib")
-BACKENDS = ("torch", "triton")
+BACKENDS = ("torch", "triton", "ext")
 TOL32 = 1e-5
 
 
@@ -29,7 +29,7 @@ def _require(backend):
 
 
 def _dev(backend):
-    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    return "cuda" if backend in ("triton", "ext") and torch.cuda.is_available() else "cpu"
 
 
 def _gen(seed):
@@ -119,6 +119,33 @@ def test_zero_norm_rows_cosine_follow_f_normalize(backend, variant):
     # the non-zero rows also match on their own (not swamped by the huge zero-row gradients)
     keep = [i for i in range(B) if i not in zero_rows]
     assert _rel(grad[keep], ref_grad[keep]) <= TOL32
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_norm_row_float16_gradient_saturates_not_inf(backend):
+    """float16 embeddings with a zero row: its exact gradient g / eps (~1e12) does not fit in
+    float16, so it is written saturated to +-65504 (never inf; F.normalize's own float16 forward
+    is NaN here); every other row equals the float32 computation rounded to float16."""
+    _require(backend)
+    gen = _gen(14)
+    B, D = 16, 8
+    E = (torch.randn(B, D, generator=gen) * 1.7).half()
+    E[3] = 0.0  # intentional zero row: the case under test
+    labels = _labels(B, 4, gen)
+    dev = _dev(backend)
+    x = E.to(dev).clone().requires_grad_(True)
+    out = pnp_loss(x, labels.to(dev), variant="Ds", anneal=0.05, backend=backend)
+    out.backward()
+    grad = x.grad.cpu()
+    assert grad.dtype == torch.float16 and torch.isfinite(out) and torch.isfinite(grad).all()
+    x32 = E.float().to(dev).requires_grad_(True)
+    pnp_loss(x32, labels.to(dev), variant="Ds", anneal=0.05, backend=backend).backward()
+    g32 = x32.grad.cpu()
+    assert g32[3].abs().max() > 1e9  # the exact gradient of the zero row: far beyond float16
+    expected = g32.clamp(-65504.0, 65504.0).half()
+    assert torch.equal(grad[3], expected[3])
+    keep = [i for i in range(B) if i != 3]
+    torch.testing.assert_close(grad[keep].float(), expected[keep].float(), rtol=2 ** -10, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------

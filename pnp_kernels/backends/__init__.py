@@ -15,13 +15,17 @@ __all__ = ["BACKEND_NAMES", "get_backend", "available_backends", "backend_status
 # Preference order for backend="auto" on CUDA; "torch" is the universal fallback.
 BACKEND_NAMES = ("triton", "ext", "torch")
 _MODULES = {"triton": ".triton", "ext": ".ext", "torch": ".torch"}
+_LOADED: Dict[str, object] = {}  # get_backend runs at every step: skip importlib after the first
 
 
 def get_backend(name: str):
     """Import and return the backend module called ``name``."""
-    if name not in _MODULES:
-        raise ValueError(f"backend: unknown value {name!r}; valid values are auto, {', '.join(BACKEND_NAMES)}")
-    return importlib.import_module(_MODULES[name], __name__)
+    mod = _LOADED.get(name)
+    if mod is None:
+        if name not in _MODULES:
+            raise ValueError(f"backend: unknown value {name!r}; valid values are auto, {', '.join(BACKEND_NAMES)}")
+        mod = _LOADED[name] = importlib.import_module(_MODULES[name], __name__)
+    return mod
 
 
 _STATUS_CACHE: Dict[str, tuple] = {}

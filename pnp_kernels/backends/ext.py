@@ -38,9 +38,12 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from ..pipeline import Prep
 from ..variants import Variant
 
 __all__ = [
+    "loss_forward",
+    "loss_backward",
     "rows_forward",
     "symmetric_grad",
     "is_available",
@@ -50,7 +53,7 @@ __all__ = [
     "source_dir",
 ]
 
-_SOURCES = ("pnp_common.h", "pnp_cpu.cpp", "pnp_cuda.cu")
+_SOURCES = ("pnp_common.h", "pnp_cpu.cpp", "pnp_pipeline.cpp", "pnp_cuda.cu")
 _CXX_FLAGS = ["-O3", "-std=c++17", "-fno-trapping-math"]  # lets GCC if-convert (vectorise) the selects
 # The library is built on the machine that runs it, so it may use that CPU's vector units
 # (AVX2/AVX-512: 2-4x the SSE2 baseline in the sigmoid loop). The CPU model and flags are
@@ -77,7 +80,7 @@ def source_dir() -> Optional[Path]:
     pkg = _pkg_dir()
     candidates += [pkg / "csrc", pkg / "_csrc", pkg.parent / "csrc"]
     for c in candidates:
-        if all((c / f).is_file() for f in ("pnp_common.h", "pnp_cpu.cpp")):
+        if all((c / f).is_file() for f in ("pnp_common.h", "pnp_cpu.cpp", "pnp_pipeline.cpp")):
             return c
     return None
 
@@ -163,7 +166,7 @@ def _build(src: Path, with_cuda: bool) -> str:
     """JIT-build and load the library; returns the build directory."""
     from torch.utils.cpp_extension import load
 
-    sources = [src / "pnp_cpu.cpp"] + ([src / "pnp_cuda.cu"] if with_cuda else [])
+    sources = [src / "pnp_cpu.cpp", src / "pnp_pipeline.cpp"] + ([src / "pnp_cuda.cu"] if with_cuda else [])
     cflags = _CXX_FLAGS + _openmp_flags() + _native_flags()
     cuda_flags = list(_CUDA_FLAGS)
     h = hashlib.sha256()
@@ -205,7 +208,8 @@ def _build(src: Path, with_cuda: bool) -> str:
 
 def _ops_loaded() -> bool:
     try:
-        return hasattr(torch.ops, _NAMESPACE) and hasattr(getattr(torch.ops, _NAMESPACE), "rows_forward")
+        ns = getattr(torch.ops, _NAMESPACE)
+        return all(hasattr(ns, op) for op in ("rows_forward", "symmetric_grad", "loss_forward", "loss_backward"))
     except Exception:
         return False
 
@@ -291,6 +295,26 @@ def _check_device(t: torch.Tensor) -> None:
             )
         return
     raise RuntimeError(f"backend='ext' supports CPU and CUDA tensors, got {t.device}")
+
+
+def loss_forward(E: torch.Tensor, labels: torch.Tensor, variant: Variant, anneal: float, alpha: float, b: float,
+                 cosine: bool, mean: bool, compute_grad: bool):
+    """The whole forward of ``autograd.forward_impl`` in one C++ op (csrc/pnp_pipeline.cpp).
+
+    Returns (output, Prep, n_valid, G or None), as ``forward_impl``.
+    """
+    ops = _ops()
+    _check_device(E)
+    out, Xs, perm, lo, hi, denom, n_valid, G = ops.loss_forward(
+        E, labels, int(variant.code), float(anneal), float(alpha), float(b), bool(cosine), bool(mean),
+        bool(compute_grad))
+    return out, Prep(Xs, perm, lo, hi, denom), n_valid, (G if compute_grad else None)
+
+
+def loss_backward(grad_out: torch.Tensor, prep: Prep, n_valid: torch.Tensor, G: torch.Tensor, cosine: bool,
+                  mean: bool, out_dtype: torch.dtype) -> torch.Tensor:
+    """dL/dE of ``autograd.backward_impl`` in one C++ op (csrc/pnp_pipeline.cpp)."""
+    return _ops().loss_backward(grad_out, *prep, n_valid, G, bool(cosine), bool(mean), out_dtype)
 
 
 def rows_forward(

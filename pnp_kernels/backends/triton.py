@@ -31,7 +31,7 @@ import os
 
 import torch
 
-from ..pipeline import NORM_EPS, Prep
+from ..pipeline import HALF_MAX, NORM_EPS, Prep
 from ..variants import Variant
 
 try:  # triton is optional at import time (e.g. macOS, or a broken install)
@@ -374,10 +374,11 @@ if triton is not None:
 
     @triton.jit
     def _unprep_kernel(
-        dXs_ptr, Xs_ptr, denom_ptr, perm_ptr, dE_ptr, stride_er, stride_ec, n, D, eps,
-        COSINE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+        dXs_ptr, Xs_ptr, denom_ptr, perm_ptr, dE_ptr, stride_er, stride_ec, n, D, eps, out_max,
+        COSINE: tl.constexpr, SATURATE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        # dE[perm[p]] = (g - y (y . g)) / ||e||  (g / eps when ||e|| <= eps), cast to E's dtype.
+        # dE[perm[p]] = (g - y (y . g)) / ||e||  (g / eps when ||e|| <= eps), cast to E's dtype;
+        # SATURATE (float16 E): clipped to +-out_max first, so the cast never makes inf (NaN stays NaN).
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         rmask = rows < n
         x_rows = rows.to(tl.int64)[:, None] * D
@@ -401,6 +402,8 @@ if triton is not None:
             if COSINE:
                 y = tl.load(Xs_ptr + x_rows + offs_d[None, :], mask=m, other=0.0)
                 g = (g - y * radial[:, None]) / denom[:, None]
+            if SATURATE:
+                g = tl.where(g > out_max, out_max, tl.where(g < -out_max, -out_max, g))
             tl.store(e_rows + offs_d[None, :] * stride_ec, g.to(dE_ptr.dtype.element_ty), mask=m)
 
 
@@ -535,6 +538,6 @@ def unprepare(dXs: torch.Tensor, prep: Prep, cosine: bool, out_dtype: torch.dtyp
     BLOCK_R, BLOCK_D = _row_block(D)
     _unprep_kernel[(triton.cdiv(n, BLOCK_R),)](
         dXs, prep.Xs, prep.denom if cosine else dXs, prep.perm, dE, dE.stride(0), dE.stride(1), n, D, NORM_EPS,
-        COSINE=cosine, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D,
+        HALF_MAX, COSINE=cosine, SATURATE=out_dtype == torch.float16, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D,
     )
     return dE

@@ -1,0 +1,141 @@
+// Whole-loss ops of the pnp_kernels extension: the pipeline of pnp_kernels/pipeline.py
+// (sort by label, segments, gather + normalise, S = Xs Xs^T, rows_forward, reduction;
+// and back: row weights, symmetric_grad, H Xs, through the normalisation and the sort)
+// as one op each way.
+//
+// Why: at small batches an eager step is host time, and from Python each of the ~40
+// tensor ops of the pipeline costs a Python call plus a dispatch. Called from C++ the
+// same ATen ops cost only the dispatch, and Python makes 2 calls per step.
+//
+// Device-agnostic: ATen ops plus the two kernels through the dispatcher, so the same
+// code serves CPU tensors (pnp_cpu.cpp) and CUDA tensors (pnp_cuda.cu). Nothing reads
+// a device value on the host (no synchronisation): the segments come from
+// searchsorted on the sorted labels, so they are valid by construction.
+//
+//   loss_forward(E, labels, variant, anneal, alpha, b, cosine, mean, compute_grad)
+//       -> (out, Xs, perm, lo, hi, denom, n_valid, G)     (the fields of pipeline.Prep)
+//   loss_backward(grad_out, Xs, perm, lo, hi, denom, n_valid, G, cosine, mean, out_dtype) -> dE
+#include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/index_select.h>
+#include <ATen/ops/linalg_vector_norm.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/searchsorted.h>
+#include <ATen/ops/sort.h>
+#include <ATen/ops/sum.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+namespace pnp_ext {
+namespace {
+
+constexpr double kNormEps = 1e-12;   // F.normalize's eps (pipeline.NORM_EPS)
+constexpr double kHalfMax = 65504.0;  // largest float16 (pipeline.HALF_MAX)
+
+using RowsFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                  int64_t, double, double, double, bool);
+using SymFn = at::Tensor(const at::Tensor&, const at::Tensor&);
+
+std::tuple<at::Tensor, at::Tensor> call_rows_forward(const at::Tensor& S, const at::Tensor& lo,
+                                                     const at::Tensor& hi, int64_t variant, double anneal,
+                                                     double alpha, double b, bool compute_grad) {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("pnp_kernels_ext::rows_forward", "").typed<RowsFn>();
+  return op.call(S, lo, hi, variant, anneal, alpha, b, compute_grad);
+}
+
+at::Tensor call_symmetric_grad(const at::Tensor& G, const at::Tensor& g) {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("pnp_kernels_ext::symmetric_grad", "").typed<SymFn>();
+  return op.call(G, g);
+}
+
+using ForwardOut =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+ForwardOut loss_forward(const at::Tensor& E, const at::Tensor& labels, int64_t variant, double anneal,
+                        double alpha, double b, bool cosine, bool mean, bool compute_grad) {
+  TORCH_CHECK(E.dim() == 2, "pnp_kernels_ext.loss_forward: embeddings must be 2-D");
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == E.size(0) && labels.scalar_type() == at::kLong,
+              "pnp_kernels_ext.loss_forward: labels must be an int64 vector with one entry per embedding");
+  TORCH_CHECK(labels.device() == E.device(), "pnp_kernels_ext.loss_forward: labels must be on the embeddings' device");
+  const at::ScalarType cdt = E.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+
+  // Stable sort by label: each row's class is the segment [lo, hi) of the sorted order.
+  auto [sorted_labels, perm] = at::sort(labels, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  at::Tensor lo = at::searchsorted(sorted_labels, sorted_labels, /*out_int32=*/true, /*right=*/false);
+  at::Tensor hi = at::searchsorted(sorted_labels, sorted_labels, /*out_int32=*/true, /*right=*/true);
+
+  at::Tensor Xs = E.index_select(0, perm).to(cdt);
+  at::Tensor denom;
+  if (cosine) {  // x / max(||x||, eps), as F.normalize
+    denom = at::linalg_vector_norm(Xs, 2, at::IntArrayRef{1}).clamp_min_(kNormEps);
+    Xs.div_(denom.unsqueeze(1));
+  } else {
+    denom = at::empty({0}, Xs.options());
+  }
+
+  at::Tensor per_row, G;
+  {
+    at::Tensor S = at::mm(Xs, Xs.t());
+    std::tie(per_row, G) = call_rows_forward(S, lo, hi, variant, anneal, alpha, b, compute_grad);
+  }  // S freed here: at most two B x B buffers alive at once
+
+  // rows_forward writes 0 for dropped queries (fewer than 2 positives), so the
+  // reduction needs no mask; n_valid counts the kept ones.
+  at::Tensor n_valid = at::sum(hi.sub(lo).ge(2), cdt);
+  at::Tensor out = mean ? per_row.sum().div_(n_valid.clamp_min(1))
+                        : at::empty_like(per_row).index_copy_(0, perm, per_row);
+  return {out, Xs, perm, lo, hi, denom, n_valid, G};
+}
+
+at::Tensor loss_backward(const at::Tensor& grad_out, const at::Tensor& Xs, const at::Tensor& perm,
+                         const at::Tensor& lo, const at::Tensor& hi, const at::Tensor& denom,
+                         const at::Tensor& n_valid, const at::Tensor& G, bool cosine, bool mean,
+                         at::ScalarType out_dtype) {
+  TORCH_CHECK(G.dim() == 2 && G.size(0) == Xs.size(0),
+              "pnp_kernels_ext.loss_backward: G must be the (B, B) gradient saved by loss_forward");
+  const int64_t n = Xs.size(0);
+  // g_p = d out / d per_row[p] times the upstream gradient, in sorted order.
+  at::Tensor go = grad_out.to(G.scalar_type());
+  at::Tensor g = mean ? go.div(n_valid.clamp_min(1)).expand({n}).contiguous() : go.index_select(0, perm);
+  at::Tensor dXs;
+  {
+    at::Tensor H = call_symmetric_grad(G, g);  // diag(g) G + (diag(g) G)^T
+    dXs = at::mm(H, Xs);
+  }
+  if (cosine) {
+    // Through x / max(||x||, eps): (dXs - y (y . dXs)) / ||x|| where ||x|| > eps, else dXs / eps.
+    at::Tensor radial = Xs.mul(dXs).sum(1, /*keepdim=*/true);
+    at::Tensor d = denom.unsqueeze(1);
+    radial.mul_(d.gt(kNormEps));
+    dXs.sub_(Xs.mul(radial)).div_(d);
+  }
+  at::Tensor dE = at::empty_like(dXs).index_copy_(0, perm, dXs);
+  // float16: saturate instead of overflowing to inf in the cast (clamp keeps NaN), as pipeline.unprepare.
+  if (out_dtype == at::kHalf) dE.clamp_(-kHalfMax, kHalfMax);
+  return dE.to(out_dtype);
+}
+
+}  // namespace
+}  // namespace pnp_ext
+
+TORCH_LIBRARY_FRAGMENT(pnp_kernels_ext, m) {
+  m.def(
+      "loss_forward(Tensor E, Tensor labels, int variant, float anneal, float alpha, float b, bool cosine, "
+      "bool mean, bool compute_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "loss_backward(Tensor grad_out, Tensor Xs, Tensor perm, Tensor lo, Tensor hi, Tensor denom, "
+      "Tensor n_valid, Tensor G, bool cosine, bool mean, ScalarType out_dtype) -> Tensor");
+}
+
+// CompositeExplicitAutograd: one implementation for every device (the kernels inside
+// dispatch on the device); no autograd formula, the Python autograd.Function owns it.
+TORCH_LIBRARY_IMPL(pnp_kernels_ext, CompositeExplicitAutograd, m) {
+  m.impl("loss_forward", &pnp_ext::loss_forward);
+  m.impl("loss_backward", &pnp_ext::loss_backward);
+}

@@ -8,8 +8,13 @@
 //       lo/hi: int32 (Q,), the positives of row p are the columns [lo_p, hi_p).
 //       loss[p] = mean_{j in [lo,hi)} f(R_pj) (0 when hi - lo < 2);
 //       G[p, :] = d loss[p] / d S[p, :] when compute_grad, else a (0,) tensor.
+//       A segment out of [0, n) (hi - lo >= 2): an error on CPU; on CUDA (where a check
+//       would synchronise) that row's loss and G row are NaN.
 //
 //   symmetric_grad(Tensor G, Tensor g) -> Tensor    H = diag(g) G + (diag(g) G)^T
+//
+//   loss_forward / loss_backward: the whole pipeline around those two, one op each
+//       way, for CPU and CUDA tensors alike (csrc/pnp_pipeline.cpp).
 //
 // Variant codes follow pnp_kernels/variants.py: 0 O, 1 Ds, 2 Dq, 3 Iu, 4 Ib.
 #pragma once

@@ -7,6 +7,11 @@ loads it as a plain shared library whose ops live in ``torch.ops.pnp_kernels_ext
 (registered with ``TORCH_LIBRARY``, no pybind11: the library does not depend on
 the Python version, and the CPU build compiles in well under a minute).
 
+The backend offers the per-stage kernels (``rows_forward``, ``symmetric_grad``) and
+the whole pipeline as one C++ op each way (``loss_forward``, ``loss_backward``,
+csrc/pnp_pipeline.cpp), which ``autograd.forward_impl``/``backward_impl`` use: an
+eager step is two calls from Python.
+
 * Sources are found in, first match wins: ``$PNP_KERNELS_CSRC``,
   ``<package>/csrc``, ``<package>/_csrc`` (an installed wheel) and
   ``<package>/../csrc`` (a checkout or editable install).

@@ -311,32 +311,32 @@ def profile_step(device):
     return abs(cs_loss - ref_loss) <= 1e-6 * abs(ref_loss)
 
 
-def mixed_precision(device):
+def mixed_precision(device, backends):
     """float16/bfloat16 embeddings and autocast on the GPU: finite, float32 loss, grads in the
     input dtype, error <= 2x that of the reference computed in the same half precision."""
     gen = torch.Generator().manual_seed(6)
     ok = True
-    for dtype in (torch.float16, torch.bfloat16):
-        for v in VARIANTS:
-            E32 = torch.randn(96, 64, generator=gen)
-            y = (torch.arange(96) // 4)[torch.randperm(96, generator=gen)].to(device)
-            Eh = E32.to(device=device, dtype=dtype).requires_grad_()
-            loss = pnp_loss(Eh, y, variant=v, anneal=0.05)
-            g, = torch.autograd.grad(loss, Eh)
-            E64 = Eh.detach().double().requires_grad_()
-            ref = pnp_loss_reference(E64, y, variant=v, anneal=0.05)
-            g_ref, = torch.autograd.grad(ref, E64)
-            Eh2 = Eh.detach().clone().requires_grad_()
-            ref_h = pnp_loss_reference(Eh2, y, variant=v, anneal=0.05)
-            g_h, = torch.autograd.grad(ref_h, Eh2)
-            e_ours = rel_err(g, g_ref)
-            e_half = rel_err(g_h, g_ref)
-            finite = bool(torch.isfinite(g).all().item() and torch.isfinite(loss).item())
-            good = (finite and loss.dtype == torch.float32 and g.dtype == dtype
-                    and (e_ours <= 2 * e_half + 1e-6 or (not torch.isfinite(g_h).all() and e_ours <= 5e-3)))
-            ok &= good
-            log(f"  {str(dtype):15s} {v:2s}: grad err ours {e_ours:.1e}, half reference {e_half:.1e}, "
-                f"loss err {rel_err(loss.detach().reshape(1), ref.detach().reshape(1)):.1e} {'ok' if good else 'FAIL'}")
+    for backend, dtype, v in ((bk, dt, v) for bk in backends for dt in (torch.float16, torch.bfloat16)
+                              for v in VARIANTS):
+        E32 = torch.randn(96, 64, generator=gen)
+        y = (torch.arange(96) // 4)[torch.randperm(96, generator=gen)].to(device)
+        Eh = E32.to(device=device, dtype=dtype).requires_grad_()
+        loss = pnp_loss(Eh, y, variant=v, anneal=0.05, backend=backend)
+        g, = torch.autograd.grad(loss, Eh)
+        E64 = Eh.detach().double().requires_grad_()
+        ref = pnp_loss_reference(E64, y, variant=v, anneal=0.05)
+        g_ref, = torch.autograd.grad(ref, E64)
+        Eh2 = Eh.detach().clone().requires_grad_()
+        ref_h = pnp_loss_reference(Eh2, y, variant=v, anneal=0.05)
+        g_h, = torch.autograd.grad(ref_h, Eh2)
+        e_ours = rel_err(g, g_ref)
+        e_half = rel_err(g_h, g_ref)
+        finite = bool(torch.isfinite(g).all().item() and torch.isfinite(loss).item())
+        good = (finite and loss.dtype == torch.float32 and g.dtype == dtype
+                and (e_ours <= 2 * e_half + 1e-6 or (not torch.isfinite(g_h).all() and e_ours <= 5e-3)))
+        ok &= good
+        log(f"  {backend:6s} {str(dtype):15s} {v:2s}: grad err ours {e_ours:.1e}, half reference {e_half:.1e}, "
+            f"loss err {rel_err(loss.detach().reshape(1), ref.detach().reshape(1)):.1e} {'ok' if good else 'FAIL'}")
     x = torch.randn(128, 32, device=device)
     y = (torch.arange(128) // 4).to(device)
     lin = torch.nn.Linear(32, 64).to(device)
@@ -519,6 +519,8 @@ def main():
     backends = [b for b in ("triton", "torch", "ext") if status[b]["available"]]
     EXTRA_PROVIDERS.extend(b for b in ("ext", "torch") if b in backends)
     results = {}
+    # the sync-free backends on CUDA: triton, and ext when its CUDA kernels were built
+    cuda_backends = [b for b in ("triton", "ext") if b in backends and (b != "ext" or ext_backend.cuda_status() == "")]
     if not cuda:
         section("parity", lambda: parity(device, [b for b in backends if b != "ext"], [24], 0), results)
         section("determinism", lambda: determinism(device, 24, 8), results)
@@ -526,7 +528,7 @@ def main():
         if "parity" not in skip:
             section("parity", lambda: parity(device, backends, [61, 384] if not args.quick else [61], 1024), results)
         if "sync" not in skip:
-            section("sync", lambda: sync_free(device, [b for b in ("triton", "ext") if b in backends]), results)
+            section("sync", lambda: sync_free(device, cuda_backends), results)
         if "ext_guard" not in skip and "ext" in backends and ext_backend.cuda_status() == "":
             section("ext_guard", lambda: ext_bad_segment(device), results)
         if "graph" not in skip:
@@ -536,7 +538,7 @@ def main():
         if "profile" not in skip:
             section("profile", lambda: profile_step(device), results)
         if "mixed" not in skip:
-            section("mixed", lambda: mixed_precision(device), results)
+            section("mixed", lambda: mixed_precision(device, cuda_backends), results)
         if "compiled_step" not in skip:
             section("compiled_step", lambda: compiled_step(device), results)
         tables = {}

@@ -209,11 +209,13 @@ def test_reference_float16_backward_is_nan_where_ours_is_finite(backend, anneal)
 # torch.autocast
 # ---------------------------------------------------------------------------
 
+@pytest.mark.parametrize("backend", ["torch", "ext"])
 @pytest.mark.parametrize("variant,similarity", [("O", "cosine"), ("Dq", "cosine"), ("Ib", "dot")])
-def test_autocast_bfloat16_linear_embeddings(variant, similarity):
+def test_autocast_bfloat16_linear_embeddings(variant, similarity, backend):
     """float32 inputs through nn.Linear inside torch.autocast("cpu", bfloat16): the embeddings are
     bfloat16, the loss float32, their gradient bfloat16, the Linear's gradients float32, all finite,
     and loss/gradient match the float64 reference on the same bfloat16 embeddings."""
+    _require(backend)
     gen = _gen(2024)
     B, D_in, D = 24, 12, 8
     lin = torch.nn.Linear(D_in, D)
@@ -226,7 +228,7 @@ def test_autocast_bfloat16_linear_embeddings(variant, similarity):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         emb = lin(inputs)
         emb.retain_grad()
-        loss = pnp_loss(emb, labels, backend="torch", **kw)
+        loss = pnp_loss(emb, labels, backend=backend, **kw)
     assert emb.dtype == torch.bfloat16
     assert loss.dtype == torch.float32
     loss.backward()

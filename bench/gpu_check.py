@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import os
 import platform
@@ -316,8 +317,7 @@ def mixed_precision(device, backends):
     input dtype, error <= 2x that of the reference computed in the same half precision."""
     gen = torch.Generator().manual_seed(6)
     ok = True
-    for backend, dtype, v in ((bk, dt, v) for bk in backends for dt in (torch.float16, torch.bfloat16)
-                              for v in VARIANTS):
+    for backend, dtype, v in itertools.product(backends, (torch.float16, torch.bfloat16), VARIANTS):
         E32 = torch.randn(96, 64, generator=gen)
         y = (torch.arange(96) // 4)[torch.randperm(96, generator=gen)].to(device)
         Eh = E32.to(device=device, dtype=dtype).requires_grad_()
@@ -529,7 +529,7 @@ def main():
             section("parity", lambda: parity(device, backends, [61, 384] if not args.quick else [61], 1024), results)
         if "sync" not in skip:
             section("sync", lambda: sync_free(device, cuda_backends), results)
-        if "ext_guard" not in skip and "ext" in backends and ext_backend.cuda_status() == "":
+        if "ext_guard" not in skip and "ext" in cuda_backends:
             section("ext_guard", lambda: ext_bad_segment(device), results)
         if "graph" not in skip:
             section("graph", lambda: cuda_graph_step(device), results)

@@ -59,11 +59,11 @@ def forward_impl(E, labels, variant: Variant, anneal, alpha, b, cosine: bool, me
                  compute_grad: bool):
     """Returns (output, prep, n_valid, G); prep/n_valid/G are what backward needs."""
     impl = get_backend(backend)
-    compute_dtype = torch.float64 if E.dtype == torch.float64 else torch.float32
     with _autocast_off(E.device.type):
         fused = getattr(impl, "loss_forward", None)
         if fused is not None:  # the whole pipeline in one backend call
             return fused(E, labels, variant, anneal, alpha, b, cosine, mean, compute_grad)
+        compute_dtype = torch.float64 if E.dtype == torch.float64 else torch.float32
         prep = _stage(impl, "prepare")(E, labels, cosine, compute_dtype)
         S = torch.mm(prep.Xs, prep.Xs.t())
         per_row, G = impl.rows_forward(S, prep.lo, prep.hi, variant, anneal, alpha, b, compute_grad)

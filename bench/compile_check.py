@@ -3,11 +3,12 @@
     python bench/compile_check.py [--arch 90] [--arch 80] [--no-cuda-ext]
 
 Triton ships ptxas, so on a CPU-only machine this lowers each kernel of
-pnp_kernels/backends/triton.py (every variant, with and without gradient, cosine
-and dot, each reduction mode) to PTX and a cubin for the given compute
-capabilities, and prints registers, spills and shared memory per kernel (from
-cuobjdump's resource usage when available). It proves the kernels compile for
-that GPU, not that they run right there: bench/gpu_check.py does that.
+pnp_kernels/backends/triton_kernels.py (both loss kinds, every PNP variant, with and
+without gradient, cosine and dot, each reduction mode, with and without a permutation)
+to PTX and a cubin for the given compute capabilities, and prints registers, spills
+and shared memory per kernel (from cuobjdump's resource usage when available). It
+proves the kernels compile for that GPU, not that they run right there:
+bench/gpu_check.py does that.
 Must run without TRITON_INTERPRET (it re-executes itself without it).
 
 When nvcc is on PATH (or in $CUDA_HOME/bin), it also compiles csrc/pnp_cuda.cu (the
@@ -31,14 +32,19 @@ def _specializations(tb):
     """(name, kernel, signature, constexprs[, options]) for every launch configuration the package uses."""
     out = []
     i32, f32 = "i32", "fp32"
-    for variant in range(5):
+    from pnp_kernels.variants import LOSS_PNP, LOSS_SMOOTH_AP, VARIANTS
+
+    rows = [(LOSS_PNP, v.code, f"pnp,variant={v.name}") for v in VARIANTS.values()]
+    rows.append((LOSS_SMOOTH_AP, 0, "smooth_ap"))
+    for kind, variant, label in rows:
         for grad in (False, True):
             sig = {"S_ptr": "*fp32", "stride_s": i32, "lo_ptr": "*i32", "hi_ptr": "*i32", "loss_ptr": "*fp32",
                    "G_ptr": "*fp32", "stride_g": i32, "n_cols": i32, "scale": f32, "inv_tau": f32,
-                   "alpha": f32, "b": f32, "VARIANT": "constexpr", "COMPUTE_GRAD": "constexpr",
-                   "TILE": "constexpr"}
-            out.append((f"_pnp_fwd_kernel[variant={variant},grad={grad}]", tb._pnp_fwd_kernel, sig,
-                        {"VARIANT": variant, "COMPUTE_GRAD": grad, "TILE": tb._tile()}))
+                   "alpha": f32, "b": f32, "LOSS": "constexpr", "VARIANT": "constexpr", "COMPUTE_GRAD": "constexpr",
+                   "TILE": "constexpr", "BLOCK_S": "constexpr"}
+            out.append((f"_rows_kernel[{label},grad={grad}]", tb._rows_kernel, sig,
+                        {"LOSS": kind, "VARIANT": variant, "COMPUTE_GRAD": grad, "TILE": tb._tile(),
+                         "BLOCK_S": tb.SEGMENT_BLOCK}))
     for mode in (0, 1, 2):
         sig = {"G_ptr": "*fp32", "stride_g": i32, "H_ptr": "*fp32", "stride_h": i32, "n": i32,
                "g_ptr": "*fp32", "g_stride": i32, "perm_ptr": "*i64", "n_valid_ptr": "*fp32",
@@ -60,16 +66,21 @@ def _specializations(tb):
                    "BLOCK_D": "constexpr"}
             out.append((f"_prep_kernel[{edtype},cosine={cosine}]", tb._prep_kernel, sig,
                         {"COSINE": cosine, "BLOCK_R": BLOCK_R, "BLOCK_D": BLOCK_D}))
-            sig = {"dXs_ptr": "*fp32", "Xs_ptr": "*fp32", "denom_ptr": "*fp32", "perm_ptr": "*i64",
-                   "dE_ptr": f"*{edtype}", "stride_er": i32, "stride_ec": i32, "n": i32, "D": i32, "eps": f32,
-                   "out_max": f32, "COSINE": "constexpr", "SATURATE": "constexpr", "BLOCK_R": "constexpr",
-                   "BLOCK_D": "constexpr"}
-            out.append((f"_unprep_kernel[{edtype},cosine={cosine}]", tb._unprep_kernel, sig,
-                        {"COSINE": cosine, "SATURATE": edtype == "fp16", "BLOCK_R": BLOCK_R, "BLOCK_D": BLOCK_D}))
+            for has_perm in (True, False):
+                sig = {"dXs_ptr": "*fp32", "Xs_ptr": "*fp32", "denom_ptr": "*fp32", "perm_ptr": "*i64",
+                       "dE_ptr": f"*{edtype}", "stride_er": i32, "stride_ec": i32, "n": i32, "D": i32,
+                       "eps": f32, "out_max": f32, "COSINE": "constexpr", "SATURATE": "constexpr",
+                       "HAS_PERM": "constexpr", "BLOCK_R": "constexpr", "BLOCK_D": "constexpr"}
+                out.append((f"_unprep_kernel[{edtype},cosine={cosine},perm={has_perm}]", tb._unprep_kernel, sig,
+                            {"COSINE": cosine, "SATURATE": edtype == "fp16", "HAS_PERM": has_perm,
+                             "BLOCK_R": BLOCK_R, "BLOCK_D": BLOCK_D}))
     for mean in (True, False):
-        sig = {"per_row_ptr": "*fp32", "lo_ptr": "*i32", "hi_ptr": "*i32", "perm_ptr": "*i64", "out_ptr": "*fp32",
-               "n_valid_ptr": "*fp32", "n": i32, "MEAN": "constexpr", "BLOCK": "constexpr"}
-        out.append((f"_finalize_kernel[mean={mean}]", tb._finalize_kernel, sig, {"MEAN": mean, "BLOCK": 1024}))
+        for has_perm in (True, False):
+            sig = {"per_row_ptr": "*fp32", "lo_ptr": "*i32", "hi_ptr": "*i32", "perm_ptr": "*i64",
+                   "out_ptr": "*fp32", "n_valid_ptr": "*fp32", "n": i32, "MEAN": "constexpr",
+                   "HAS_PERM": "constexpr", "BLOCK": "constexpr"}
+            out.append((f"_reduce_kernel[mean={mean},perm={has_perm}]", tb._reduce_kernel, sig,
+                        {"MEAN": mean, "HAS_PERM": has_perm, "BLOCK": 1024}))
     return out
 
 
@@ -84,7 +95,7 @@ def _resource_usage(cubin: bytes):
         f.write(cubin)
         path = f.name
     try:
-        txt = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True, timeout=60).stdout
+        txt = subprocess.run([tool, "-res-usage", path], check=False, capture_output=True, text=True, timeout=60).stdout
     finally:
         os.unlink(path)
     reg = re.search(r"REG:(\d+)", txt)
@@ -112,11 +123,14 @@ def check_cuda_ext(archs) -> int:
     if nvcc is None:
         print("\nCUDA extension: nvcc not found, not checked")
         return 0
+    from pnp_kernels.backends.ext_build import torch_std_flag
+
+    std = torch_std_flag()  # the standard the installed torch's headers are compiled with
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     src = os.path.join(root, "csrc", "pnp_cuda.cu")
     tinc = os.path.join(os.path.dirname(torch.__file__), "include")
     failures = 0
-    print(f"\nCUDA extension ({os.path.relpath(src, root)}), {nvcc}")
+    print(f"\nCUDA extension ({os.path.relpath(src, root)}), {nvcc} {std}")
     print("| kernel | target | registers | spill stores/loads bytes | shared bytes |")
     print("|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
@@ -126,12 +140,12 @@ def check_cuda_ext(archs) -> int:
             with open(os.path.join(stub, "cuda_cmake_macros.h"), "w") as f:
                 f.write("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
         for arch in archs:
-            cmd = [nvcc, "-c", "-O3", "-std=c++17", f"-arch=sm_{arch}", "-Xptxas", "-v",
+            cmd = [nvcc, "-c", "-O3", std, f"-arch=sm_{arch}", "-Xptxas", "-v",
                    "-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=pnp_compile_check",
                    "-I" + os.path.join(root, "csrc"), "-I" + tmp, "-isystem", tinc,
                    "-isystem", os.path.join(tinc, "torch", "csrc", "api", "include"),
                    "-isystem", sysconfig.get_paths()["include"], src, "-o", os.path.join(tmp, "pnp_cuda.o")]
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+            res = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=600)
             if res.returncode != 0:
                 failures += 1
                 print(f"| pnp_cuda.cu | sm_{arch} | FAILED: {res.stderr.strip().splitlines()[-1][:200]} | | |")
@@ -152,12 +166,17 @@ def check_cuda_ext(archs) -> int:
 
 
 def _demangle_kernel(mangled: str) -> str:
-    """A short readable name: the kernel's identifier and its template arguments (f/d, grad)."""
-    m = re.search(r"(pnp_rows_kernel|symmetric_grad_kernel)I([fd])(?:Lb([01])E)?", mangled)
+    """A short readable name: the kernel's identifier and its template arguments (f/d, loss kind, grad)."""
+    m = re.search(r"(rows_kernel|symmetric_grad_kernel)I([fd])(?:Li(\d+)ELb([01])E)?", mangled)
     if not m:
         return mangled[:60]
     dtype = {"f": "float", "d": "double"}[m.group(2)]
-    return f"{m.group(1)}<{dtype}" + (f", grad={m.group(3) == '1'}>" if m.group(3) else ">")
+    if not m.group(3):
+        return f"{m.group(1)}<{dtype}>"
+    from pnp_kernels.variants import LOSS_KINDS
+
+    kind = {code: name for name, code in LOSS_KINDS.items()}.get(int(m.group(3)), m.group(3))
+    return f"{m.group(1)}<{dtype}, {kind}, grad={m.group(4) == '1'}>"
 
 
 def main(argv=None) -> int:
@@ -173,7 +192,7 @@ def main(argv=None) -> int:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from pnp_kernels.backends import triton as tb
+    from pnp_kernels.backends import triton_kernels as tb
 
     archs = args.arch or [90]
     print(f"triton {triton.__version__}; targets: " + ", ".join(f"sm_{a}" for a in archs))
@@ -187,7 +206,7 @@ def main(argv=None) -> int:
             try:
                 compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts), target=target,
                                           options=opts[0] if opts else None)
-            except Exception as exc:  # report every failure, keep going
+            except Exception as exc:  # noqa: BLE001 - report every failure, keep going
                 failures += 1
                 print(f"| {name} | sm_{arch} | FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:200]} | | | |")
                 continue

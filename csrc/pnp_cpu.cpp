@@ -1,4 +1,5 @@
-// CPU kernels of the pnp_kernels extension and the op registrations.
+// CPU kernels of the pnp_kernels extension and the op registrations (the row
+// functions are written out in pnp_common.h).
 //
 // rows_forward: one query row at a time (rows in parallel with at::parallel_for).
 // For a chunk of up to kChunk positives j of row p, one sweep over the negatives
@@ -9,11 +10,12 @@
 //   sigma_jk  = sigmoid((S_pk - S_pj)/tau) = (z >= 0 ? e : 1) / (1 + e)
 //   sigma'_jk = sigma (1 - sigma)          = e / (1 + e)^2      (exact in both tails)
 //
-// R_j = sum_k sigma_jk, T_j = sum_k sigma'_jk, and sigma'_jk is kept in a
-// per-thread scratch row so that the gradient needs no second exp:
-//
-//   G_pk = (1/tau) sum_j c_j sigma'_jk   (k negative),  G_pj = -(1/tau) c_j T_j,
-//   c_j = f'(R_j) / |P_p|.
+// giving R_j = sum_k sigma_jk and T_j = sum_k sigma'_jk. Smooth-AP sweeps the other
+// positives too ([lo, j) and (j, hi): again no masks) for pos_j and its sigma' sum.
+// sigma'_jk is kept in a per-thread scratch row, so that the gradient needs no
+// second exp: row j of W (pnp_common.h) is a per-range weight times the scratch
+// row, added to G_p by one axpy per contiguous range, and the diagonal term
+// -sum_k W_jk is added to G_pj from the sigma' sums.
 //
 // float: 2^w by a branch-free polynomial that the compiler vectorises; sums
 // in float blocks of kBlock terms added into double. double: std::exp2.
@@ -106,7 +108,7 @@ inline void axpy(T* __restrict g, const T* __restrict sp, int64_t k0, int64_t k1
   for (int64_t k = k0; k < k1; ++k) g[k] += w * sp[k];
 }
 
-template <typename T, bool GRAD>
+template <typename T, int KIND, bool GRAD>
 void rows_kernel(const T* S, int64_t ss, const int32_t* lo_p, const int32_t* hi_p, T* loss,
                  T* G, int64_t sg, int64_t Q, int64_t n, int variant, double anneal,
                  double alpha, double b) {
@@ -120,7 +122,7 @@ void rows_kernel(const T* S, int64_t ss, const int32_t* lo_p, const int32_t* hi_
       const T* s = S + p * ss;
       T* g = GRAD ? G + p * sg : nullptr;
       if (GRAD) std::fill(g, g + n, T(0));
-      if (cnt < 2) {  // a query whose only positive is itself is dropped
+      if (cnt < 1) {  // empty segment: the query is dropped
         loss[p] = T(0);
         continue;
       }
@@ -130,28 +132,44 @@ void rows_kernel(const T* S, int64_t ss, const int32_t* lo_p, const int32_t* hi_
       double loss_acc = 0.0;
       for (int64_t c0 = lo; c0 < hi; c0 += kChunk) {
         const int64_t c1 = std::min(c0 + kChunk, hi);
-        double coef[kChunk];
-        double Tj[kChunk];
+        double wneg[kChunk];  // weight of sigma'/tau on the negatives
+        double wpos[kChunk];  // weight of sigma'/tau on the other positives (Smooth-AP)
+        double diag[kChunk];  // -sum_k W_jk
         for (int64_t j = c0; j < c1; ++j) {
           T* sp = GRAD ? scratch.data() + (j - c0) * n : nullptr;
-          double R = 0.0, Ts = 0.0;
-          sweep<T, GRAD>(s, 0, lo, s[j], scale, sp, R, Ts);
-          sweep<T, GRAD>(s, hi, n, s[j], scale, sp, R, Ts);
-          double f, df;
-          variant_f_df<double>(variant, R, alpha, b, f, df);
-          loss_acc += f;
-          coef[j - c0] = df * inv_cnt;
-          Tj[j - c0] = Ts;
+          double R = 0.0, Tn = 0.0;
+          sweep<T, GRAD>(s, 0, lo, s[j], scale, sp, R, Tn);
+          sweep<T, GRAD>(s, hi, n, s[j], scale, sp, R, Tn);
+          if (KIND == kLoss_pnp) {
+            double f, df;
+            variant_f_df<double>(variant, R, alpha, b, f, df);
+            loss_acc += f;
+            const double c = df * inv_cnt;
+            wneg[j - c0] = c * inv_tau;
+            wpos[j - c0] = 0.0;
+            diag[j - c0] = -c * Tn * inv_tau;
+          } else {
+            double P = 1.0, Tp = 0.0;  // the positive itself counts as rank 1
+            sweep<T, GRAD>(s, lo, j, s[j], scale, sp, P, Tp);
+            sweep<T, GRAD>(s, j + 1, hi, s[j], scale, sp, P, Tp);
+            if (GRAD) sp[j] = T(0);  // W_jj = 0
+            double term, a, bt;
+            smooth_ap_terms(P, R, inv_cnt, term, a, bt);
+            loss_acc += term;
+            wneg[j - c0] = a * inv_tau;
+            wpos[j - c0] = -bt * inv_tau;
+            diag[j - c0] = -(a * Tn - bt * Tp) * inv_tau;
+          }
         }
         if (GRAD) {
           for (int64_t j = c0; j < c1; ++j) {
             const T* sp = scratch.data() + (j - c0) * n;
-            const T w = static_cast<T>(coef[j - c0] * inv_tau);
+            const T w = static_cast<T>(wneg[j - c0]);
             axpy<T>(g, sp, 0, lo, w);
             axpy<T>(g, sp, hi, n, w);
+            if (KIND == kLoss_smooth_ap) axpy<T>(g, sp, lo, hi, static_cast<T>(wpos[j - c0]));
           }
-          for (int64_t j = c0; j < c1; ++j)
-            g[j] = static_cast<T>(-coef[j - c0] * Tj[j - c0] * inv_tau);
+          for (int64_t j = c0; j < c1; ++j) g[j] += static_cast<T>(diag[j - c0]);
         }
       }
       loss[p] = static_cast<T>(loss_acc * inv_cnt);
@@ -159,7 +177,7 @@ void rows_kernel(const T* S, int64_t ss, const int32_t* lo_p, const int32_t* hi_
   });
 }
 
-void check_rows_inputs(const at::Tensor& S, const at::Tensor& lo, const at::Tensor& hi,
+void check_rows_inputs(const at::Tensor& S, const at::Tensor& lo, const at::Tensor& hi, int64_t kind,
                        int64_t variant, double anneal) {
   TORCH_CHECK(S.dim() == 2, "pnp_kernels_ext.rows_forward: S must be 2-D, got ", S.dim(), "-D");
   TORCH_CHECK(S.scalar_type() == at::kFloat || S.scalar_type() == at::kDouble,
@@ -172,46 +190,57 @@ void check_rows_inputs(const at::Tensor& S, const at::Tensor& lo, const at::Tens
   TORCH_CHECK(lo.is_contiguous() && hi.is_contiguous(), "pnp_kernels_ext.rows_forward: lo/hi must be contiguous");
   TORCH_CHECK(lo.device() == S.device() && hi.device() == S.device(),
               "pnp_kernels_ext.rows_forward: lo/hi must be on the device of S");
-  TORCH_CHECK(variant >= 0 && variant <= 4, "pnp_kernels_ext.rows_forward: variant code must be 0..4, got ", variant);
-  TORCH_CHECK(anneal > 0, "pnp_kernels_ext.rows_forward: anneal must be > 0");
+  TORCH_CHECK(kind >= 0 && kind < kLossKindCount, "pnp_kernels_ext.rows_forward: loss kind must be 0..",
+              kLossKindCount - 1, ", got ", kind);
+  TORCH_CHECK(variant >= 0 && variant < kVariantCount, "pnp_kernels_ext.rows_forward: variant code must be 0..",
+              kVariantCount - 1, ", got ", variant);
+  TORCH_CHECK(anneal > 0, "pnp_kernels_ext.rows_forward: anneal must be > 0, got ", anneal);
+}
+
+template <typename T, int KIND>
+void rows_dispatch_grad(const at::Tensor& S, const int32_t* lo_p, const int32_t* hi_p, at::Tensor& loss,
+                        at::Tensor& G, bool compute_grad, int v, double anneal, double alpha, double b) {
+  const int64_t Q = S.size(0), n = S.size(1);
+  if (compute_grad)
+    rows_kernel<T, KIND, true>(S.data_ptr<T>(), S.stride(0), lo_p, hi_p, loss.data_ptr<T>(), G.data_ptr<T>(), n,
+                               Q, n, v, anneal, alpha, b);
+  else
+    rows_kernel<T, KIND, false>(S.data_ptr<T>(), S.stride(0), lo_p, hi_p, loss.data_ptr<T>(), nullptr, 0, Q, n,
+                                v, anneal, alpha, b);
+}
+
+template <typename T>
+void rows_dispatch(int64_t kind, const at::Tensor& S, const int32_t* lo_p, const int32_t* hi_p, at::Tensor& loss,
+                   at::Tensor& G, bool compute_grad, int v, double anneal, double alpha, double b) {
+  if (kind == kLoss_pnp)
+    rows_dispatch_grad<T, kLoss_pnp>(S, lo_p, hi_p, loss, G, compute_grad, v, anneal, alpha, b);
+  else
+    rows_dispatch_grad<T, kLoss_smooth_ap>(S, lo_p, hi_p, loss, G, compute_grad, v, anneal, alpha, b);
 }
 
 std::tuple<at::Tensor, at::Tensor> rows_forward_cpu(const at::Tensor& S, const at::Tensor& lo,
-                                                    const at::Tensor& hi, int64_t variant,
+                                                    const at::Tensor& hi, int64_t kind, int64_t variant,
                                                     double anneal, double alpha, double b,
                                                     bool compute_grad) {
-  check_rows_inputs(S, lo, hi, variant, anneal);
+  check_rows_inputs(S, lo, hi, kind, variant, anneal);
   const int64_t Q = S.size(0), n = S.size(1);
   const int32_t* lo_p = lo.data_ptr<int32_t>();
   const int32_t* hi_p = hi.data_ptr<int32_t>();
   // Validate before anything is allocated; nothing may throw inside the parallel region.
   int64_t bad = -1;
   for (int64_t p = 0; p < Q && bad < 0; ++p) {
-    if (hi_p[p] - lo_p[p] >= 2 && (lo_p[p] < 0 || hi_p[p] > n)) bad = p;
+    if (hi_p[p] - lo_p[p] >= 1 && (lo_p[p] < 0 || hi_p[p] > n)) bad = p;
   }
-  TORCH_CHECK(bad < 0, "pnp_kernels_ext.rows_forward: the positive segment of row ", bad,
-              " is out of range for ", n, " columns");
+  TORCH_CHECK(bad < 0, "pnp_kernels_ext.rows_forward: the positive segment [", bad < 0 ? 0 : lo_p[bad], ", ",
+              bad < 0 ? 0 : hi_p[bad], ") of row ", bad, " is out of range for ", n, " columns");
   at::Tensor loss = at::empty({Q}, S.options());
   at::Tensor G = compute_grad ? at::empty({Q, n}, S.options()) : at::empty({0}, S.options());
   if (Q == 0) return {loss, G};
   const int v = static_cast<int>(variant);
-  if (S.scalar_type() == at::kFloat) {
-    const float* s = S.data_ptr<float>();
-    if (compute_grad)
-      rows_kernel<float, true>(s, S.stride(0), lo_p, hi_p, loss.data_ptr<float>(), G.data_ptr<float>(), n,
-                               Q, n, v, anneal, alpha, b);
-    else
-      rows_kernel<float, false>(s, S.stride(0), lo_p, hi_p, loss.data_ptr<float>(), nullptr, 0, Q, n, v,
-                                anneal, alpha, b);
-  } else {
-    const double* s = S.data_ptr<double>();
-    if (compute_grad)
-      rows_kernel<double, true>(s, S.stride(0), lo_p, hi_p, loss.data_ptr<double>(), G.data_ptr<double>(),
-                                n, Q, n, v, anneal, alpha, b);
-    else
-      rows_kernel<double, false>(s, S.stride(0), lo_p, hi_p, loss.data_ptr<double>(), nullptr, 0, Q, n, v,
-                                 anneal, alpha, b);
-  }
+  if (S.scalar_type() == at::kFloat)
+    rows_dispatch<float>(kind, S, lo_p, hi_p, loss, G, compute_grad, v, anneal, alpha, b);
+  else
+    rows_dispatch<double>(kind, S, lo_p, hi_p, loss, G, compute_grad, v, anneal, alpha, b);
   return {loss, G};
 }
 
@@ -267,8 +296,8 @@ at::Tensor symmetric_grad_cpu(const at::Tensor& G, const at::Tensor& g) {
 
 TORCH_LIBRARY(pnp_kernels_ext, m) {
   m.def(
-      "rows_forward(Tensor S, Tensor lo, Tensor hi, int variant, float anneal, float alpha, float b, "
-      "bool compute_grad) -> (Tensor, Tensor)");
+      "rows_forward(Tensor S, Tensor lo, Tensor hi, int kind, int variant, float anneal, float alpha, float b, "
+      "bool compute_grad) -> (Tensor loss, Tensor G)");
   m.def("symmetric_grad(Tensor G, Tensor g) -> Tensor");
 }
 

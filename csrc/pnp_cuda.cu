@@ -1,6 +1,6 @@
 // CUDA kernels of the pnp_kernels extension (registered for the CUDA dispatch key;
-// the schemas are defined in pnp_cpu.cpp). Same algorithm as the Triton kernel
-// _pnp_fwd_kernel in pnp_kernels/backends/triton.py:
+// the schemas are defined in pnp_cpu.cpp, the row functions written out in
+// pnp_common.h). The PNP path is the algorithm of the Triton row kernel:
 //
 // one block of kThreads threads per query row p; positives in chunks of kChunk, or
 // of kChunk / 2 when at most that many are left (4 per class: no half-empty chunk).
@@ -8,18 +8,20 @@
 // loads of S and every store to G, so G needs no atomics and no inter-thread
 // ordering: read-modify-write of G across chunks is thread-local.
 //
-//   pass 1: R_j = sum_{k neg} sigma_jk           (per-thread partials, block reduce)
-//           -> f(R_j), c_j = f'(R_j) / |P_p|      (every thread, same values)
-//   pass 2: G_k += (1/tau) sum_j c_j sigma'_jk    (k negative, owner thread)
-//           T_j = sum_k sigma'_jk                  (block reduce)
-//           G_j  = -(1/tau) c_j T_j                (owner thread of column j)
+//   pass 1: R_j = sum_{k neg} sigma_jk            (per-thread partials, block reduce)
+//           Smooth-AP also pos_j = 1 + sum_{k in P, k != j} sigma_jk
+//           -> the row term and the gradient weights of every positive j of the
+//              chunk (every thread, same values)
+//   pass 2: G_k += sum_j W_jk                      (owner thread of column k)
+//           sigma' sums over the negatives (and the other positives)   (block reduce)
+//           G_j += -sum_k W_jk                     (owner thread of column j)
 //
 // with z = (S_pj - S_pk) log2(e)/tau, e = 2^-|z| (never overflows),
 // sigma = (z >= 0 ? e : 1)/(1 + e), sigma' = e/(1 + e)^2: exact in both tails,
 // never NaN or inf for finite S. Reductions are warp butterflies then a fixed-order
-// sum over warps: deterministic. A row whose segment does not fit in [0, n) gets a
-// NaN loss and a NaN gradient row instead of an out-of-bounds access (checking it
-// on the host would synchronise).
+// sum over warps: deterministic. A row with a non-empty segment that does not fit in
+// [0, n) gets a NaN loss and a NaN gradient row instead of an out-of-bounds access
+// (checking it on the host would synchronise).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -71,12 +73,26 @@ __device__ __forceinline__ void block_sum(T (&v)[CH], T* smem /* kWarps * CH */)
   __syncthreads();  // smem is reused by the next call
 }
 
-// The positives [c0, min(c0 + CH, hi)) of one row: pass 1 (R_j, f, c_j) and, when GRAD,
-// pass 2 (G over the negatives, T_j, G_j). Returns the chunk's sum of f.
-template <typename T, bool GRAD, int CH>
+// sigma and sigma' of one pair from z = (S_pj - S_pk) log2(e) / tau.
+template <typename T>
+__device__ __forceinline__ T sigma_of(T z) {
+  const T e = exp2_t(-fabs(z));
+  return (z >= T(0) ? e : T(1)) * inv_1p(e);
+}
+template <typename T>
+__device__ __forceinline__ T dsigma_of(T z) {
+  const T e = exp2_t(-fabs(z));
+  const T inv = inv_1p(e);
+  return e * inv * inv;
+}
+
+// The positives [c0, min(c0 + CH, hi)) of one row: pass 1 (sums, row terms, weights)
+// and, when GRAD, pass 2 (G). Returns the chunk's sum of row terms.
+template <typename T, int KIND, bool GRAD, int CH>
 __device__ __forceinline__ T rows_chunk(const T* __restrict__ s, T* __restrict__ g, int64_t c0, int64_t lo,
                                         int64_t hi, int64_t n, int variant, T scale, T inv_tau, T alpha, T b,
                                         T inv_cnt, T* smem) {
+  constexpr bool kSap = KIND == kLoss_smooth_ap;
   const int tid = threadIdx.x;
   T sj[CH];
   bool pm[CH];
@@ -85,67 +101,99 @@ __device__ __forceinline__ T rows_chunk(const T* __restrict__ s, T* __restrict__
     pm[jj] = c0 + jj < hi;
     sj[jj] = pm[jj] ? s[c0 + jj] : T(0);
   }
-  // pass 1: R_j
-  T R[CH];
+  // pass 1: R_j over the negatives; Smooth-AP: the other positives' sum too
+  T R[CH], P[CH];
 #pragma unroll
-  for (int jj = 0; jj < CH; ++jj) R[jj] = T(0);
+  for (int jj = 0; jj < CH; ++jj) R[jj] = P[jj] = T(0);
   for (int64_t k = tid; k < n; k += kThreads) {
-    if (k >= lo && k < hi) continue;  // positives are not negatives
+    const bool is_pos = k >= lo && k < hi;
+    if (!kSap && is_pos) continue;  // PNP: positives are not ranked against each other
     const T sk = s[k];
+    if (!is_pos) {
 #pragma unroll
-    for (int jj = 0; jj < CH; ++jj) {
-      const T z = (sj[jj] - sk) * scale;
-      const T e = exp2_t(-fabs(z));
-      R[jj] += (z >= T(0) ? e : T(1)) * inv_1p(e);
+      for (int jj = 0; jj < CH; ++jj) R[jj] += sigma_of<T>((sj[jj] - sk) * scale);
+    } else {
+#pragma unroll
+      for (int jj = 0; jj < CH; ++jj) {
+        const T sig = sigma_of<T>((sj[jj] - sk) * scale);
+        P[jj] += (c0 + jj != k) ? sig : T(0);
+      }
     }
   }
   block_sum<T, CH>(R, smem);
-  T coef[CH];
+  if (kSap) block_sum<T, CH>(P, smem);
+  // Gradient weights: wn on sigma' of a negative, wp on sigma' of another positive.
+  T wn[CH], wp[CH];
   T loss_acc = T(0);
 #pragma unroll
   for (int jj = 0; jj < CH; ++jj) {
-    T f, df;
-    variant_f_df<T>(variant, R[jj], alpha, b, f, df);
-    loss_acc += pm[jj] ? f : T(0);
-    coef[jj] = pm[jj] ? df * inv_cnt : T(0);
+    T term;
+    if (!kSap) {
+      T df;
+      variant_f_df<T>(variant, R[jj], alpha, b, term, df);
+      wn[jj] = df * inv_cnt;
+      wp[jj] = T(0);
+    } else {
+      double t, a, bt;
+      smooth_ap_terms(1.0 + static_cast<double>(P[jj]), static_cast<double>(R[jj]),
+                      static_cast<double>(inv_cnt), t, a, bt);
+      term = static_cast<T>(t);
+      wn[jj] = static_cast<T>(a);
+      wp[jj] = static_cast<T>(-bt);
+    }
+    loss_acc += pm[jj] ? term : T(0);
+    if (!pm[jj]) wn[jj] = wp[jj] = T(0);
   }
   if (GRAD) {
-    // pass 2: G over the negatives (owner threads), T_j partials
-    T Tp[CH];
+    // pass 2: G over the row (owner threads); sigma' sums Tn (negatives), Tp (other positives)
+    T Tn[CH], Tp[CH];
 #pragma unroll
-    for (int jj = 0; jj < CH; ++jj) Tp[jj] = T(0);
+    for (int jj = 0; jj < CH; ++jj) Tn[jj] = Tp[jj] = T(0);
     for (int64_t k = tid; k < n; k += kThreads) {
+      const bool is_pos = k >= lo && k < hi;
       T acc = T(0);
-      if (k < lo || k >= hi) {
+      if (!is_pos) {
         const T sk = s[k];
 #pragma unroll
         for (int jj = 0; jj < CH; ++jj) {
-          const T z = (sj[jj] - sk) * scale;
-          const T e = exp2_t(-fabs(z));
-          const T inv = inv_1p(e);
-          const T d = e * inv * inv;
+          const T d = dsigma_of<T>((sj[jj] - sk) * scale);
+          Tn[jj] += d;
+          acc += wn[jj] * d;
+        }
+      } else if (kSap) {
+        const T sk = s[k];
+#pragma unroll
+        for (int jj = 0; jj < CH; ++jj) {
+          const T d = (c0 + jj != k) ? dsigma_of<T>((sj[jj] - sk) * scale) : T(0);
           Tp[jj] += d;
-          acc += coef[jj] * d;
+          acc += wp[jj] * d;
         }
       }
       const T prev = (c0 == lo) ? T(0) : g[k];
       g[k] = prev + acc * inv_tau;
     }
-    block_sum<T, CH>(Tp, smem);
+    block_sum<T, CH>(Tn, smem);
+    if (kSap) block_sum<T, CH>(Tp, smem);
 #pragma unroll
     for (int jj = 0; jj < CH; ++jj) {
       const int64_t j = c0 + jj;
-      if (pm[jj] && (j % kThreads) == tid) g[j] = -coef[jj] * Tp[jj] * inv_tau;
+      // -sum_k W_jk: PNP has no positive-positive weights, so G_j holds nothing else yet
+      if (pm[jj] && (j % kThreads) == tid) {
+        if (!kSap)
+          g[j] = -wn[jj] * Tn[jj] * inv_tau;
+        else
+          g[j] -= (wn[jj] * Tn[jj] + wp[jj] * Tp[jj]) * inv_tau;
+      }
     }
   }
   return loss_acc;
 }
 
-template <typename T, bool GRAD>
+template <typename T, int KIND, bool GRAD>
 __global__ void __launch_bounds__(kThreads)
-    pnp_rows_kernel(const T* __restrict__ S, int64_t ss, const int32_t* __restrict__ lo_p,
-                    const int32_t* __restrict__ hi_p, T* __restrict__ loss, T* __restrict__ G, int64_t sg,
-                    int64_t n, int variant, T scale, T inv_tau, T alpha, T b) {
+    rows_kernel(const T* __restrict__ S, int64_t ss, const int32_t* __restrict__ lo_p,
+                const int32_t* __restrict__ hi_p, T* __restrict__ loss, T* __restrict__ G, int64_t sg, int64_t n,
+                int variant, T scale, T inv_tau, T alpha, T b) {
   __shared__ T smem[kWarps * kChunk];
   const int64_t row = blockIdx.x;
   const int tid = threadIdx.x;
@@ -155,14 +203,14 @@ __global__ void __launch_bounds__(kThreads)
   const T* s = S + row * ss;
   T* g = GRAD ? G + row * sg : nullptr;
 
-  if (cnt >= 2 && (lo < 0 || hi > n)) {  // invalid segment: NaN, never an out-of-bounds access
+  if (cnt >= 1 && (lo < 0 || hi > n)) {  // invalid segment: NaN, never an out-of-bounds access
     const T nan = static_cast<T>(NAN);
     if (tid == 0) loss[row] = nan;
     if (GRAD)
       for (int64_t k = tid; k < n; k += kThreads) g[k] = nan;
     return;
   }
-  if (cnt < 2) {  // dropped query: loss 0, zero gradient row
+  if (cnt < 1) {  // empty segment, dropped query: loss 0, zero gradient row
     if (tid == 0) loss[row] = T(0);
     if (GRAD)
       for (int64_t k = tid; k < n; k += kThreads) g[k] = T(0);
@@ -173,11 +221,11 @@ __global__ void __launch_bounds__(kThreads)
   // The chunk width is uniform over the block (it depends on the row only): no divergence.
   for (int64_t c0 = lo; c0 < hi; c0 += kChunk) {
     if (hi - c0 <= kChunk / 2)
-      loss_acc += rows_chunk<T, GRAD, kChunk / 2>(s, g, c0, lo, hi, n, variant, scale, inv_tau, alpha, b,
-                                                   inv_cnt, smem);
+      loss_acc += rows_chunk<T, KIND, GRAD, kChunk / 2>(s, g, c0, lo, hi, n, variant, scale, inv_tau, alpha, b,
+                                                         inv_cnt, smem);
     else
-      loss_acc += rows_chunk<T, GRAD, kChunk>(s, g, c0, lo, hi, n, variant, scale, inv_tau, alpha, b, inv_cnt,
-                                               smem);
+      loss_acc += rows_chunk<T, KIND, GRAD, kChunk>(s, g, c0, lo, hi, n, variant, scale, inv_tau, alpha, b,
+                                                     inv_cnt, smem);
   }
   if (tid == 0) loss[row] = loss_acc * inv_cnt;
 }
@@ -201,8 +249,34 @@ __global__ void symmetric_grad_kernel(const T* __restrict__ G, int64_t sg, const
   }
 }
 
+template <typename T, int KIND>
+void launch_rows(const at::Tensor& S, const at::Tensor& lo, const at::Tensor& hi, at::Tensor& loss, at::Tensor& G,
+                 bool compute_grad, int variant, double anneal, double alpha, double b, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(S.size(0)));
+  const T sc = static_cast<T>(kLog2e / anneal), it = static_cast<T>(1.0 / anneal);
+  const T al = static_cast<T>(alpha), bb = static_cast<T>(b);
+  if (compute_grad)
+    rows_kernel<T, KIND, true><<<grid, kThreads, 0, stream>>>(
+        S.data_ptr<T>(), S.stride(0), lo.data_ptr<int32_t>(), hi.data_ptr<int32_t>(), loss.data_ptr<T>(),
+        G.data_ptr<T>(), G.stride(0), S.size(1), variant, sc, it, al, bb);
+  else
+    rows_kernel<T, KIND, false><<<grid, kThreads, 0, stream>>>(
+        S.data_ptr<T>(), S.stride(0), lo.data_ptr<int32_t>(), hi.data_ptr<int32_t>(), loss.data_ptr<T>(), nullptr,
+        0, S.size(1), variant, sc, it, al, bb);
+}
+
+template <typename T>
+void launch_rows_kind(int64_t kind, const at::Tensor& S, const at::Tensor& lo, const at::Tensor& hi,
+                      at::Tensor& loss, at::Tensor& G, bool compute_grad, int variant, double anneal, double alpha,
+                      double b, cudaStream_t stream) {
+  if (kind == kLoss_pnp)
+    launch_rows<T, kLoss_pnp>(S, lo, hi, loss, G, compute_grad, variant, anneal, alpha, b, stream);
+  else
+    launch_rows<T, kLoss_smooth_ap>(S, lo, hi, loss, G, compute_grad, variant, anneal, alpha, b, stream);
+}
+
 std::tuple<at::Tensor, at::Tensor> rows_forward_cuda(const at::Tensor& S, const at::Tensor& lo,
-                                                     const at::Tensor& hi, int64_t variant,
+                                                     const at::Tensor& hi, int64_t kind, int64_t variant,
                                                      double anneal, double alpha, double b,
                                                      bool compute_grad) {
   TORCH_CHECK(S.dim() == 2, "pnp_kernels_ext.rows_forward: S must be 2-D");
@@ -215,39 +289,23 @@ std::tuple<at::Tensor, at::Tensor> rows_forward_cuda(const at::Tensor& S, const 
               "pnp_kernels_ext.rows_forward: lo/hi must be contiguous int32 vectors, one entry per row");
   TORCH_CHECK(lo.device() == S.device() && hi.device() == S.device(),
               "pnp_kernels_ext.rows_forward: lo/hi must be on the device of S");
-  TORCH_CHECK(variant >= 0 && variant <= 4, "pnp_kernels_ext.rows_forward: variant code must be 0..4");
-  TORCH_CHECK(anneal > 0, "pnp_kernels_ext.rows_forward: anneal must be > 0");
+  TORCH_CHECK(kind >= 0 && kind < kLossKindCount, "pnp_kernels_ext.rows_forward: loss kind must be 0..",
+              kLossKindCount - 1, ", got ", kind);
+  TORCH_CHECK(variant >= 0 && variant < kVariantCount, "pnp_kernels_ext.rows_forward: variant code must be 0..",
+              kVariantCount - 1, ", got ", variant);
+  TORCH_CHECK(anneal > 0, "pnp_kernels_ext.rows_forward: anneal must be > 0, got ", anneal);
   const c10::cuda::CUDAGuard guard(S.device());
-  const int64_t Q = S.size(0), n = S.size(1);
+  const int64_t Q = S.size(0);
   at::Tensor loss = at::empty({Q}, S.options());
-  at::Tensor G = compute_grad ? at::empty({Q, n}, S.options()) : at::empty({0}, S.options());
+  at::Tensor G = compute_grad ? at::empty({Q, S.size(1)}, S.options()) : at::empty({0}, S.options());
   if (Q == 0) return {loss, G};
   TORCH_CHECK(Q <= 2147483647LL, "pnp_kernels_ext.rows_forward: too many rows");
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const dim3 grid(static_cast<unsigned>(Q));
   const int v = static_cast<int>(variant);
-  if (S.scalar_type() == at::kFloat) {
-    const float sc = static_cast<float>(kLog2e / anneal), it = static_cast<float>(1.0 / anneal);
-    const float al = static_cast<float>(alpha), bb = static_cast<float>(b);
-    if (compute_grad)
-      pnp_rows_kernel<float, true><<<grid, kThreads, 0, stream>>>(
-          S.data_ptr<float>(), S.stride(0), lo.data_ptr<int32_t>(), hi.data_ptr<int32_t>(),
-          loss.data_ptr<float>(), G.data_ptr<float>(), G.stride(0), n, v, sc, it, al, bb);
-    else
-      pnp_rows_kernel<float, false><<<grid, kThreads, 0, stream>>>(
-          S.data_ptr<float>(), S.stride(0), lo.data_ptr<int32_t>(), hi.data_ptr<int32_t>(),
-          loss.data_ptr<float>(), nullptr, 0, n, v, sc, it, al, bb);
-  } else {
-    const double sc = kLog2e / anneal, it = 1.0 / anneal;
-    if (compute_grad)
-      pnp_rows_kernel<double, true><<<grid, kThreads, 0, stream>>>(
-          S.data_ptr<double>(), S.stride(0), lo.data_ptr<int32_t>(), hi.data_ptr<int32_t>(),
-          loss.data_ptr<double>(), G.data_ptr<double>(), G.stride(0), n, v, sc, it, alpha, b);
-    else
-      pnp_rows_kernel<double, false><<<grid, kThreads, 0, stream>>>(
-          S.data_ptr<double>(), S.stride(0), lo.data_ptr<int32_t>(), hi.data_ptr<int32_t>(),
-          loss.data_ptr<double>(), nullptr, 0, n, v, sc, it, alpha, b);
-  }
+  if (S.scalar_type() == at::kFloat)
+    launch_rows_kind<float>(kind, S, lo, hi, loss, G, compute_grad, v, anneal, alpha, b, stream);
+  else
+    launch_rows_kind<double>(kind, S, lo, hi, loss, G, compute_grad, v, anneal, alpha, b, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {loss, G};
 }

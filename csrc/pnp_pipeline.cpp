@@ -1,7 +1,7 @@
-// Whole-loss ops of the pnp_kernels extension: the pipeline of pnp_kernels/pipeline.py
-// (sort by label, segments, gather + normalise, S = Xs Xs^T, rows_forward, reduction;
-// and back: row weights, symmetric_grad, H Xs, through the normalisation and the sort)
-// as one op each way.
+// Whole-loss ops of the pnp_kernels extension: the square pipeline (a batch ranked
+// against itself: sort by label, segments, gather + normalise, S = Xs Xs^T,
+// rows_forward, reduction; and back: row weights, symmetric_grad, H Xs, through the
+// normalisation and the sort) as one op each way.
 //
 // Why: at small batches an eager step is host time, and from Python each of the ~40
 // tensor ops of the pipeline costs a Python call plus a dispatch. Called from C++ the
@@ -12,9 +12,14 @@
 // a device value on the host (no synchronisation): the segments come from
 // searchsorted on the sorted labels, so they are valid by construction.
 //
-//   loss_forward(E, labels, variant, anneal, alpha, b, cosine, mean, compute_grad)
-//       -> (out, Xs, perm, lo, hi, denom, n_valid, G)     (the fields of pipeline.Prep)
-//   loss_backward(grad_out, Xs, perm, lo, hi, denom, n_valid, G, cosine, mean, out_dtype) -> dE
+//   loss_forward(E, labels, kind, variant, anneal, alpha, b, cosine, mean, compute_grad)
+//       -> (out, n_valid, Xs, perm, lo, hi, denom, G)     (Xs .. denom: spec.SquarePrep)
+//   loss_backward(grad_out, n_valid, Xs, perm, lo, hi, denom, G, cosine, mean, out_dtype) -> dE
+//
+// Segments: row p of the sorted batch has the positives [lo_p, hi_p) = its class,
+// its own copy included. A query whose class has no other member has no positive to
+// rank (its only positive would be itself), so it gets the empty segment hi = lo,
+// which rows_forward drops (loss 0, zero gradient row); n_valid = #{p : hi_p > lo_p}.
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
@@ -25,6 +30,7 @@
 #include <ATen/ops/searchsorted.h>
 #include <ATen/ops/sort.h>
 #include <ATen/ops/sum.h>
+#include <ATen/ops/where.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -37,15 +43,15 @@ constexpr double kNormEps = 1e-12;   // F.normalize's eps (pipeline.NORM_EPS)
 constexpr double kHalfMax = 65504.0;  // largest float16 (pipeline.HALF_MAX)
 
 using RowsFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                  int64_t, double, double, double, bool);
+                                                  int64_t, int64_t, double, double, double, bool);
 using SymFn = at::Tensor(const at::Tensor&, const at::Tensor&);
 
 std::tuple<at::Tensor, at::Tensor> call_rows_forward(const at::Tensor& S, const at::Tensor& lo,
-                                                     const at::Tensor& hi, int64_t variant, double anneal,
-                                                     double alpha, double b, bool compute_grad) {
+                                                     const at::Tensor& hi, int64_t kind, int64_t variant,
+                                                     double anneal, double alpha, double b, bool compute_grad) {
   static const auto op =
       c10::Dispatcher::singleton().findSchemaOrThrow("pnp_kernels_ext::rows_forward", "").typed<RowsFn>();
-  return op.call(S, lo, hi, variant, anneal, alpha, b, compute_grad);
+  return op.call(S, lo, hi, kind, variant, anneal, alpha, b, compute_grad);
 }
 
 at::Tensor call_symmetric_grad(const at::Tensor& G, const at::Tensor& g) {
@@ -57,8 +63,8 @@ at::Tensor call_symmetric_grad(const at::Tensor& G, const at::Tensor& g) {
 using ForwardOut =
     std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-ForwardOut loss_forward(const at::Tensor& E, const at::Tensor& labels, int64_t variant, double anneal,
-                        double alpha, double b, bool cosine, bool mean, bool compute_grad) {
+ForwardOut loss_forward(const at::Tensor& E, const at::Tensor& labels, int64_t kind, int64_t variant,
+                        double anneal, double alpha, double b, bool cosine, bool mean, bool compute_grad) {
   TORCH_CHECK(E.dim() == 2, "pnp_kernels_ext.loss_forward: embeddings must be 2-D");
   TORCH_CHECK(labels.dim() == 1 && labels.size(0) == E.size(0) && labels.scalar_type() == at::kLong,
               "pnp_kernels_ext.loss_forward: labels must be an int64 vector with one entry per embedding");
@@ -69,6 +75,7 @@ ForwardOut loss_forward(const at::Tensor& E, const at::Tensor& labels, int64_t v
   auto [sorted_labels, perm] = at::sort(labels, /*stable=*/true, /*dim=*/0, /*descending=*/false);
   at::Tensor lo = at::searchsorted(sorted_labels, sorted_labels, /*out_int32=*/true, /*right=*/false);
   at::Tensor hi = at::searchsorted(sorted_labels, sorted_labels, /*out_int32=*/true, /*right=*/true);
+  hi = at::where(hi.sub(lo).ge(2), hi, lo);  // a class of one: empty segment (dropped query)
 
   at::Tensor Xs = E.index_select(0, perm).to(cdt);
   at::Tensor denom;
@@ -82,20 +89,20 @@ ForwardOut loss_forward(const at::Tensor& E, const at::Tensor& labels, int64_t v
   at::Tensor per_row, G;
   {
     at::Tensor S = at::mm(Xs, Xs.t());
-    std::tie(per_row, G) = call_rows_forward(S, lo, hi, variant, anneal, alpha, b, compute_grad);
+    std::tie(per_row, G) = call_rows_forward(S, lo, hi, kind, variant, anneal, alpha, b, compute_grad);
   }  // S freed here: at most two B x B buffers alive at once
 
-  // rows_forward writes 0 for dropped queries (fewer than 2 positives), so the
-  // reduction needs no mask; n_valid counts the kept ones.
-  at::Tensor n_valid = at::sum(hi.sub(lo).ge(2), cdt);
+  // rows_forward writes 0 for dropped queries (empty segments), so the reduction
+  // needs no mask; n_valid counts the kept ones.
+  at::Tensor n_valid = at::sum(hi.gt(lo), cdt);
   at::Tensor out = mean ? per_row.sum().div_(n_valid.clamp_min(1))
                         : at::empty_like(per_row).index_copy_(0, perm, per_row);
-  return {out, Xs, perm, lo, hi, denom, n_valid, G};
+  return {out, n_valid, Xs, perm, lo, hi, denom, G};
 }
 
-at::Tensor loss_backward(const at::Tensor& grad_out, const at::Tensor& Xs, const at::Tensor& perm,
-                         const at::Tensor& lo, const at::Tensor& hi, const at::Tensor& denom,
-                         const at::Tensor& n_valid, const at::Tensor& G, bool cosine, bool mean,
+at::Tensor loss_backward(const at::Tensor& grad_out, const at::Tensor& n_valid, const at::Tensor& Xs,
+                         const at::Tensor& perm, const at::Tensor& lo, const at::Tensor& hi,
+                         const at::Tensor& denom, const at::Tensor& G, bool cosine, bool mean,
                          at::ScalarType out_dtype) {
   TORCH_CHECK(G.dim() == 2 && G.size(0) == Xs.size(0),
               "pnp_kernels_ext.loss_backward: G must be the (B, B) gradient saved by loss_forward");
@@ -126,11 +133,12 @@ at::Tensor loss_backward(const at::Tensor& grad_out, const at::Tensor& Xs, const
 
 TORCH_LIBRARY_FRAGMENT(pnp_kernels_ext, m) {
   m.def(
-      "loss_forward(Tensor E, Tensor labels, int variant, float anneal, float alpha, float b, bool cosine, "
-      "bool mean, bool compute_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "loss_forward(Tensor E, Tensor labels, int kind, int variant, float anneal, float alpha, float b, "
+      "bool cosine, bool mean, bool compute_grad) -> (Tensor out, Tensor n_valid, Tensor Xs, Tensor perm, "
+      "Tensor lo, Tensor hi, Tensor denom, Tensor G)");
   m.def(
-      "loss_backward(Tensor grad_out, Tensor Xs, Tensor perm, Tensor lo, Tensor hi, Tensor denom, "
-      "Tensor n_valid, Tensor G, bool cosine, bool mean, ScalarType out_dtype) -> Tensor");
+      "loss_backward(Tensor grad_out, Tensor n_valid, Tensor Xs, Tensor perm, Tensor lo, Tensor hi, "
+      "Tensor denom, Tensor G, bool cosine, bool mean, ScalarType out_dtype) -> Tensor");
 }
 
 // CompositeExplicitAutograd: one implementation for every device (the kernels inside

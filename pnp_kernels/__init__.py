@@ -1,12 +1,25 @@
-"""pnp_kernels: the PNP loss (Li et al., AAAI 2022) exact, fast and in O(B^2) memory.
+"""pnp_kernels: exact, fast, O(B^2)-memory rank losses for metric learning.
 
-Public API: :func:`pnp_loss`, :class:`PNPLoss`, :func:`available_backends`,
-:func:`backend_status`; the B^3 oracle lives in :mod:`pnp_kernels.reference`.
+The PNP loss (Li et al., AAAI 2022) and Smooth-AP (Brown et al., ECCV 2020), for
+one batch, against a reference set or memory bank, or across GPUs.
+
+Public API: :func:`pnp_loss`, :class:`PNPLoss`, :func:`smooth_ap_loss`,
+:class:`SmoothAPLoss`, :class:`CrossBatchMemory`, :func:`available_backends`,
+:func:`backend_status`; the brute-force oracles live in :mod:`pnp_kernels.reference`.
 """
+
+from ._version import __version__
 from .backends import available_backends, backend_status
-from .functional import pnp_loss
-from .modules import PNPLoss
+from .functional import pnp_loss, smooth_ap_loss
+from .modules import CrossBatchMemory, PNPLoss, SmoothAPLoss
 
-__version__ = "0.1.0"
-
-__all__ = ["pnp_loss", "PNPLoss", "available_backends", "backend_status", "__version__"]
+__all__ = [
+    "pnp_loss",
+    "PNPLoss",
+    "smooth_ap_loss",
+    "SmoothAPLoss",
+    "CrossBatchMemory",
+    "available_backends",
+    "backend_status",
+    "__version__",
+]

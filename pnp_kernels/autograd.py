@@ -1,44 +1,37 @@
-"""The autograd glue shared by every backend: one forward, one backward.
+"""The autograd glue shared by every backend and both loss kinds.
 
-Forward, in label-sorted order so that each query's positives are one segment:
+``SquareLoss`` ranks a batch against itself; ``ReferenceLoss`` ranks queries against
+a reference set. Each calls its backend's whole forward (``loss_forward`` /
+``reference_forward``) and whole backward; both return ``(output, n_valid)``, the
+second a non-differentiable count of valid queries (the distributed mode needs it).
+Autocast is off inside: similarities are accumulated and kept in full precision.
 
-    prep = prepare(E, labels)        sort, segments [lo, hi), Xs = normalise(E[perm])
-    S = Xs Xs^T                      GEMM, float32 (float64 for float64 input)
-    per_row, G = rows_forward(S, lo, hi, ...)       G[p, :] = d per_row[p] / d S[p, :]
-    out = finalize(per_row)          "mean" scalar or "none" vector
-
-Backward, with g_p = d out / d per_row[p] times the upstream gradient:
-
-    H = diag(g) G + (diag(g) G)^T    (S = Xs Xs^T is symmetric in Xs)
-    dXs = H Xs;  dE = unprepare(dXs) back through the normalisation and the sort
-
-G is computed inside the forward kernel when a gradient is needed (one more pass
-over the negatives there instead of two in a separate backward), and S is freed
-before the forward returns, so at most two B x B buffers live at once. Each
-stage is the backend's own when it has one (the Triton backend fuses them into
-single kernels), else the PyTorch version in ``pipeline.py``; a backend with
-``loss_forward``/``loss_backward`` (ext: the pipeline in C++) does a whole direction
-in one call. Autocast is off
-inside: similarities are accumulated and kept in full precision.
-
-Two wrappers call the same ``forward_impl``/``backward_impl``:
-- ``PNPFunction`` (torch.autograd.Function) in eager mode: the lowest overhead;
-- the torch.library custom ops ``pnp_kernels::pnp_loss_fwd`` / ``pnp_loss_bwd``
-  while torch.compile traces, so a compiled graph holds one opaque op each way and
-  needs no graph break (the torch backend plans its chunks on the host).
+Two wrappers call the same backend methods:
+- the torch.autograd.Functions, in eager mode: the lowest overhead;
+- the torch.library custom ops ``pnp_kernels::square_loss_fwd/bwd`` and
+  ``pnp_kernels::reference_loss_fwd/bwd`` while torch.compile traces, so a compiled
+  graph holds one opaque op each way and needs no graph break. The ``LossSpec`` is
+  flattened to scalars at this boundary only.
 """
+
 from __future__ import annotations
 
 import contextlib
-from typing import List
+from typing import List, Optional, Tuple
 
 import torch
 
-from . import pipeline
 from .backends import get_backend
-from .variants import Variant, variant_by_code
+from .spec import LossSpec, ReferencePrep, SquarePrep
 
-__all__ = ["PNPFunction", "forward_impl", "backward_impl", "pnp_apply", "is_compiling"]
+__all__ = ["SquareLoss", "ReferenceLoss", "apply_square", "apply_reference", "is_compiling"]
+
+Tensor = torch.Tensor
+
+_NO_GRAD_MSG = (
+    "pnp_kernels: backward through a forward that was computed without gradient; "
+    "call the loss with grad enabled and embeddings that require grad"
+)
 
 
 def _autocast_off(device_type: str):
@@ -51,123 +44,210 @@ def _autocast_off(device_type: str):
     return torch.autocast(device_type=device_type, enabled=False) if on else contextlib.nullcontext()
 
 
-def _stage(impl, name):
-    return getattr(impl, name, None) or getattr(pipeline, name)
-
-
-def forward_impl(E, labels, variant: Variant, anneal, alpha, b, cosine: bool, mean: bool, backend: str,
-                 compute_grad: bool):
-    """Returns (output, prep, n_valid, G); prep/n_valid/G are what backward needs."""
-    impl = get_backend(backend)
-    with _autocast_off(E.device.type):
-        fused = getattr(impl, "loss_forward", None)
-        if fused is not None:  # the whole pipeline in one backend call
-            return fused(E, labels, variant, anneal, alpha, b, cosine, mean, compute_grad)
-        compute_dtype = torch.float64 if E.dtype == torch.float64 else torch.float32
-        prep = _stage(impl, "prepare")(E, labels, cosine, compute_dtype)
-        S = torch.mm(prep.Xs, prep.Xs.t())
-        per_row, G = impl.rows_forward(S, prep.lo, prep.hi, variant, anneal, alpha, b, compute_grad)
-        del S
-        out, n_valid = _stage(impl, "finalize")(per_row, prep, mean)
-    return out, prep, n_valid, G
-
-
-def backward_impl(grad_out, prep, n_valid, G, cosine: bool, mean: bool, out_dtype, backend: str):
-    """dL/dE from the upstream gradient of the output."""
-    impl = get_backend(backend)
-    with _autocast_off(G.device.type):
-        fused = getattr(impl, "loss_backward", None)
-        if fused is not None:
-            return fused(grad_out, prep, n_valid, G, cosine, mean, out_dtype)
-        H = _stage(impl, "symmetric_grad_from")(impl, G, grad_out, prep, n_valid, mean)
-        dXs = torch.mm(H, prep.Xs)
-        del H
-        return _stage(impl, "unprepare")(dXs, prep, cosine, out_dtype)
-
-
-_NO_GRAD_MSG = ("pnp_loss: backward through a forward that was computed without gradient; "
-                "call pnp_loss with grad enabled and embeddings that require grad")
-
-
-class PNPFunction(torch.autograd.Function):
-    """The PNP loss of embeddings E (any float dtype) given int64 labels."""
-
-    @staticmethod
-    def forward(ctx, E, labels, variant: Variant, anneal, alpha, b, cosine, mean, backend, compute_grad):
-        out, prep, n_valid, G = forward_impl(E, labels, variant, anneal, alpha, b, cosine, mean, backend,
-                                             compute_grad)
-        ctx.meta = (cosine, mean, E.dtype, backend, compute_grad)
-        if compute_grad:
-            ctx.save_for_backward(*prep, n_valid, G)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        cosine, mean, out_dtype, backend, compute_grad = ctx.meta
-        if not compute_grad:
-            raise RuntimeError(_NO_GRAD_MSG)
-        *prep, n_valid, G = ctx.saved_tensors
-        dE = backward_impl(grad_out, pipeline.Prep(*prep), n_valid, G, cosine, mean, out_dtype, backend)
-        return dE, None, None, None, None, None, None, None, None, None
-
-
 def is_compiling() -> bool:
     fn = getattr(getattr(torch, "compiler", None), "is_compiling", None)
     return bool(fn()) if fn is not None else False
 
 
-# ---- torch.library custom ops: the same computation, opaque to torch.compile ----
-
-@torch.library.custom_op("pnp_kernels::pnp_loss_fwd", mutates_args=())
-def _fwd_op(E: torch.Tensor, labels: torch.Tensor, variant_code: int, anneal: float, alpha: float, b: float,
-            cosine: bool, mean: bool, backend: str, compute_grad: bool) -> List[torch.Tensor]:
-    out, prep, n_valid, G = forward_impl(E, labels, variant_by_code(variant_code), anneal, alpha, b, cosine, mean,
-                                         backend, compute_grad)
-    return [out, *prep, n_valid, G if G is not None else prep.Xs.new_empty(0)]
+# ---- eager: torch.autograd.Function ----------------------------------------------------
 
 
-@_fwd_op.register_fake
-def _fwd_fake(E, labels, variant_code, anneal, alpha, b, cosine, mean, backend, compute_grad):
-    n = E.shape[0]
-    dt = torch.float64 if E.dtype == torch.float64 else torch.float32
+class SquareLoss(torch.autograd.Function):
+    """The loss of embeddings E (any float dtype) ranked against themselves, int64 labels."""
+
+    @staticmethod
+    def forward(ctx, E, labels, spec: LossSpec, backend: str, compute_grad: bool):  # type: ignore[override]
+        impl = get_backend(backend)
+        with _autocast_off(E.device.type):
+            out, n_valid, prep, G = impl.loss_forward(E, labels, spec, compute_grad)
+        ctx.meta = (spec, backend, E.dtype, compute_grad)
+        ctx.mark_non_differentiable(n_valid)
+        if compute_grad:
+            ctx.save_for_backward(*prep, n_valid, G)
+        return out, n_valid
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_n_valid):  # type: ignore[override]
+        spec, backend, out_dtype, compute_grad = ctx.meta
+        if not compute_grad:
+            raise RuntimeError(_NO_GRAD_MSG)
+        *prep, n_valid, G = ctx.saved_tensors
+        with _autocast_off(G.device.type):
+            dE = get_backend(backend).loss_backward(grad_out, SquarePrep(*prep), n_valid, G, spec, out_dtype)
+        return dE, None, None, None, None
+
+
+class ReferenceLoss(torch.autograd.Function):
+    """The loss of queries Eq ranked against a reference set Er (``query_ref_index``: the
+    query's own copy in Er, -1 for none; None for no copies at all)."""
+
+    @staticmethod
+    def forward(ctx, Eq, yq, Er, yr, query_ref_index, spec: LossSpec, backend: str, need_q: bool,  # type: ignore[override]
+                need_r: bool):
+        impl = get_backend(backend)
+        compute_grad = need_q or need_r
+        with _autocast_off(Eq.device.type):
+            out, n_valid, prep, G = impl.reference_forward(Eq, yq, Er, yr, query_ref_index, spec, compute_grad)
+        ctx.meta = (spec, backend, Eq.dtype, Er.dtype, need_q, need_r)
+        ctx.mark_non_differentiable(n_valid)
+        if compute_grad:
+            ctx.save_for_backward(*prep, n_valid, G)
+        return out, n_valid
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_n_valid):  # type: ignore[override]
+        spec, backend, q_dtype, r_dtype, need_q, need_r = ctx.meta
+        if not (need_q or need_r):
+            raise RuntimeError(_NO_GRAD_MSG)
+        *prep, n_valid, G = ctx.saved_tensors
+        with _autocast_off(G.device.type):
+            dEq, dEr = get_backend(backend).reference_backward(
+                grad_out, ReferencePrep(*prep), n_valid, G, spec, q_dtype, r_dtype,
+                need_q and ctx.needs_input_grad[0], need_r and ctx.needs_input_grad[2])
+        return dEq, None, dEr, None, None, None, None, None, None
+
+
+# ---- torch.compile: torch.library custom ops -------------------------------------------
+
+
+def _empty_like_none(t: Optional[Tensor], like: Tensor) -> Tensor:
+    return t if t is not None else like.new_empty(0)
+
+
+def _fresh(t: Tensor, inputs) -> Tensor:
+    """A custom op's output may not alias an input ("dot" float32 rows are the input itself)."""
+    return t.clone() if any(t is x for x in inputs) else t
+
+
+@torch.library.custom_op("pnp_kernels::square_loss_fwd", mutates_args=())
+def _square_fwd(E: Tensor, labels: Tensor, kind: int, variant: int, anneal: float, alpha: float, b: float,
+                cosine: bool, mean: bool, backend: str, compute_grad: bool) -> List[Tensor]:
+    spec = LossSpec.from_flat(kind, variant, anneal, alpha, b, cosine, mean)
+    with _autocast_off(E.device.type):
+        out, n_valid, prep, G = get_backend(backend).loss_forward(E, labels, spec, compute_grad)
+    return [out, n_valid, *[_fresh(t, (E, labels)) for t in prep], _empty_like_none(G, out)]
+
+
+@_square_fwd.register_fake
+def _square_fwd_fake(E, labels, kind, variant, anneal, alpha, b, cosine, mean, backend, compute_grad):
+    n, d = E.shape
+    dt = LossSpec.compute_dtype_of(E.dtype)
     new = lambda *shape, dtype=dt: E.new_empty(shape, dtype=dtype)  # noqa: E731
-    return [new() if mean else new(n), new(*E.shape), new(n, dtype=torch.int64), new(n, dtype=torch.int32),
-            new(n, dtype=torch.int32), new(n) if cosine else new(0), new(), new(n, n) if compute_grad else new(0)]
+    return [new() if mean else new(n), new(), new(n, d), new(n, dtype=torch.int64), new(n, dtype=torch.int32),
+            new(n, dtype=torch.int32), new(n) if cosine else new(0), new(n, n) if compute_grad else new(0)]
 
 
-@torch.library.custom_op("pnp_kernels::pnp_loss_bwd", mutates_args=())
-def _bwd_op(grad_out: torch.Tensor, Xs: torch.Tensor, perm: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
-            denom: torch.Tensor, n_valid: torch.Tensor, G: torch.Tensor, cosine: bool, mean: bool,
-            out_dtype: torch.dtype, backend: str) -> torch.Tensor:
-    prep = pipeline.Prep(Xs, perm, lo, hi, denom)
-    return backward_impl(grad_out, prep, n_valid, G, cosine, mean, out_dtype, backend)
+@torch.library.custom_op("pnp_kernels::square_loss_bwd", mutates_args=())
+def _square_bwd(grad_out: Tensor, n_valid: Tensor, Xs: Tensor, perm: Tensor, lo: Tensor, hi: Tensor, denom: Tensor,
+                G: Tensor, kind: int, variant: int, anneal: float, alpha: float, b: float, cosine: bool, mean: bool,
+                out_dtype: torch.dtype, backend: str) -> Tensor:
+    spec = LossSpec.from_flat(kind, variant, anneal, alpha, b, cosine, mean)
+    with _autocast_off(G.device.type):
+        return get_backend(backend).loss_backward(grad_out, SquarePrep(Xs, perm, lo, hi, denom), n_valid, G, spec,
+                                                  out_dtype)
 
 
-@_bwd_op.register_fake
-def _bwd_fake(grad_out, Xs, perm, lo, hi, denom, n_valid, G, cosine, mean, out_dtype, backend):
+@_square_bwd.register_fake
+def _square_bwd_fake(grad_out, n_valid, Xs, perm, lo, hi, denom, G, kind, variant, anneal, alpha, b, cosine, mean,
+                     out_dtype, backend):
     return Xs.new_empty(Xs.shape, dtype=out_dtype)
 
 
-def _setup_context(ctx, inputs, output):
-    E, labels, variant_code, anneal, alpha, b, cosine, mean, backend, compute_grad = inputs
-    ctx.meta = (cosine, mean, E.dtype, backend, compute_grad)
+def _square_setup(ctx, inputs, output):
+    E, labels, kind, variant, anneal, alpha, b, cosine, mean, backend, compute_grad = inputs
+    ctx.meta = ((kind, variant, anneal, alpha, b, cosine, mean), E.dtype, backend, compute_grad)
     ctx.save_for_backward(*output[1:])
 
 
-def _backward(ctx, grads):
-    cosine, mean, out_dtype, backend, compute_grad = ctx.meta
+def _square_backward(ctx, grads):
+    flat, out_dtype, backend, compute_grad = ctx.meta
     if not compute_grad:
         raise RuntimeError(_NO_GRAD_MSG)
-    dE = _bwd_op(grads[0].contiguous(), *ctx.saved_tensors, cosine, mean, out_dtype, backend)
-    return dE, None, None, None, None, None, None, None, None, None
+    dE = _square_bwd(grads[0].contiguous(), *ctx.saved_tensors, *flat, out_dtype, backend)
+    return dE, None, None, None, None, None, None, None, None, None, None
 
 
-_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_square_fwd.register_autograd(_square_backward, setup_context=_square_setup)
 
 
-def pnp_apply(E, labels, variant: Variant, anneal, alpha, b, cosine: bool, mean: bool, backend: str,
-              compute_grad: bool):
-    """The loss, through the custom op when compiling, else the autograd.Function."""
+@torch.library.custom_op("pnp_kernels::reference_loss_fwd", mutates_args=())
+def _reference_fwd(Eq: Tensor, yq: Tensor, Er: Tensor, yr: Tensor, query_ref_index: Optional[Tensor], kind: int,
+                   variant: int, anneal: float, alpha: float, b: float, cosine: bool, mean: bool, backend: str,
+                   compute_grad: bool) -> List[Tensor]:
+    spec = LossSpec.from_flat(kind, variant, anneal, alpha, b, cosine, mean)
+    with _autocast_off(Eq.device.type):
+        out, n_valid, prep, G = get_backend(backend).reference_forward(Eq, yq, Er, yr, query_ref_index, spec,
+                                                                       compute_grad)
+    inputs = (Eq, yq, Er, yr, query_ref_index)
+    return [out, n_valid, *[_fresh(t, inputs) for t in prep], _empty_like_none(G, out)]
+
+
+@_reference_fwd.register_fake
+def _reference_fwd_fake(Eq, yq, Er, yr, query_ref_index, kind, variant, anneal, alpha, b, cosine, mean, backend,
+                        compute_grad):
+    q, d = Eq.shape
+    m = Er.shape[0]
+    dt = LossSpec.compute_dtype_of(Eq.dtype)
+    new = lambda *shape, dtype=dt: Eq.new_empty(shape, dtype=dtype)  # noqa: E731
+    return [new() if mean else new(q), new(), new(q, d), new(q) if cosine else new(0), new(m, d),
+            new(m, dtype=torch.int64), new(m) if cosine else new(0), new(q, dtype=torch.int32),
+            new(q, dtype=torch.int32), new(q, m) if compute_grad else new(0)]
+
+
+@torch.library.custom_op("pnp_kernels::reference_loss_bwd", mutates_args=())
+def _reference_bwd(grad_out: Tensor, n_valid: Tensor, Xq: Tensor, denom_q: Tensor, Xr: Tensor, perm_r: Tensor,
+                   denom_r: Tensor, lo: Tensor, hi: Tensor, G: Tensor, kind: int, variant: int, anneal: float,
+                   alpha: float, b: float, cosine: bool, mean: bool, q_dtype: torch.dtype, r_dtype: torch.dtype,
+                   backend: str, need_q: bool, need_r: bool) -> List[Tensor]:
+    spec = LossSpec.from_flat(kind, variant, anneal, alpha, b, cosine, mean)
+    prep = ReferencePrep(Xq, denom_q, Xr, perm_r, denom_r, lo, hi)
+    with _autocast_off(G.device.type):
+        dEq, dEr = get_backend(backend).reference_backward(grad_out, prep, n_valid, G, spec, q_dtype, r_dtype,
+                                                           need_q, need_r)
+    return [_empty_like_none(dEq, Xq), _empty_like_none(dEr, Xr)]
+
+
+@_reference_bwd.register_fake
+def _reference_bwd_fake(grad_out, n_valid, Xq, denom_q, Xr, perm_r, denom_r, lo, hi, G, kind, variant, anneal, alpha,
+                        b, cosine, mean, q_dtype, r_dtype, backend, need_q, need_r):
+    return [Xq.new_empty(Xq.shape if need_q else (0,), dtype=q_dtype),
+            Xr.new_empty(Xr.shape if need_r else (0,), dtype=r_dtype)]
+
+
+def _reference_setup(ctx, inputs, output):
+    Eq, yq, Er, yr, qri, kind, variant, anneal, alpha, b, cosine, mean, backend, compute_grad = inputs
+    ctx.meta = ((kind, variant, anneal, alpha, b, cosine, mean), Eq.dtype, Er.dtype, backend, compute_grad)
+    ctx.save_for_backward(*output[1:])
+
+
+def _reference_backward(ctx, grads):
+    flat, q_dtype, r_dtype, backend, compute_grad = ctx.meta
+    if not compute_grad:
+        raise RuntimeError(_NO_GRAD_MSG)
+    need_q, need_r = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+    dEq, dEr = _reference_bwd(grads[0].contiguous(), *ctx.saved_tensors, *flat, q_dtype, r_dtype, backend,
+                              need_q, need_r)
+    return (dEq if need_q else None, None, dEr if need_r else None) + (None,) * 11
+
+
+_reference_fwd.register_autograd(_reference_backward, setup_context=_reference_setup)
+
+
+# ---- entry points -------------------------------------------------------------------------
+
+
+def apply_square(E: Tensor, labels: Tensor, spec: LossSpec, backend: str, compute_grad: bool) -> Tuple[Tensor, Tensor]:
+    """(output, n_valid), through the custom op when compiling, else the autograd.Function."""
     if is_compiling():
-        return _fwd_op(E, labels, variant.code, anneal, alpha, b, cosine, mean, backend, compute_grad)[0]
-    return PNPFunction.apply(E, labels, variant, anneal, alpha, b, cosine, mean, backend, compute_grad)
+        res = _square_fwd(E, labels, *spec.flat(), backend, compute_grad)
+        return res[0], res[1]
+    return SquareLoss.apply(E, labels, spec, backend, compute_grad)
+
+
+def apply_reference(Eq: Tensor, yq: Tensor, Er: Tensor, yr: Tensor, query_ref_index: Optional[Tensor],
+                    spec: LossSpec, backend: str, need_q: bool, need_r: bool) -> Tuple[Tensor, Tensor]:
+    """(output, n_valid) of queries ranked against a reference set."""
+    if is_compiling():
+        res = _reference_fwd(Eq, yq, Er, yr, query_ref_index, *spec.flat(), backend, need_q or need_r)
+        return res[0], res[1]
+    return ReferenceLoss.apply(Eq, yq, Er, yr, query_ref_index, spec, backend, need_q, need_r)

@@ -1,27 +1,32 @@
-"""``pnp_loss``: input validation, label grouping, backend choice and reduction.
+"""``pnp_loss`` and ``smooth_ap_loss``: input validation, the spec, and dispatch to the
+square, reference-set or distributed path.
 
-Validation only looks at shapes, dtypes and Python scalars, so it never
-synchronises with the GPU, and every error is raised before any kernel runs.
+Validation only looks at shapes, dtypes, devices and Python scalars (and, for CPU
+tensors only, the values of ``query_ref_index``), so it never synchronises with a
+GPU, and every error is raised before any kernel runs, naming the argument.
 """
+
 from __future__ import annotations
 
 import math
 import numbers
+from typing import Optional, Tuple
 
 import torch
 
-from .autograd import pnp_apply
+from .autograd import apply_reference, apply_square
 from .backends import BACKEND_NAMES, resolve_backend
-from .variants import resolve_variant
+from .spec import REDUCTIONS, SIMILARITIES, LossSpec
+from .variants import LOSS_PNP, LOSS_SMOOTH_AP, VARIANTS, resolve_variant
 
-__all__ = ["pnp_loss", "SIMILARITIES", "REDUCTIONS"]
+__all__ = ["pnp_loss", "smooth_ap_loss", "SIMILARITIES", "REDUCTIONS"]
 
-SIMILARITIES = ("cosine", "dot")
-REDUCTIONS = ("mean", "none")
+Tensor = torch.Tensor
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _check_positive(name: str, value) -> float:
+def check_positive(name: str, value) -> float:
+    """``value`` as a float, or a TypeError/ValueError naming ``name`` unless it is finite and > 0."""
     if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymFloat, torch.SymInt)):
         raise TypeError(f"{name}: expected a positive real number, got {type(value).__name__}")
     # Comparisons only (no math.isfinite), so symbolic floats under torch.compile(dynamic=True) pass.
@@ -40,36 +45,140 @@ def check_options(similarity, reduction, backend) -> None:
         raise ValueError(f"backend: unknown value {backend!r}; valid values are auto, {', '.join(BACKEND_NAMES)}")
 
 
-def _validate(embeddings, labels, similarity, reduction, backend):
-    if not isinstance(embeddings, torch.Tensor):
-        raise TypeError(f"embeddings: expected a torch.Tensor, got {type(embeddings).__name__}")
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels: expected a torch.Tensor, got {type(labels).__name__}")
-    if embeddings.dim() != 2:
-        raise ValueError(f"embeddings: expected a 2-D (batch, dim) tensor, got shape {tuple(embeddings.shape)}")
-    if embeddings.dtype not in _FLOAT_DTYPES:
-        raise TypeError(
-            f"embeddings: expected a floating point dtype (float16, bfloat16, float32, float64), got {embeddings.dtype}"
-        )
-    if labels.dim() != 1:
-        raise ValueError(f"labels: expected a 1-D tensor of class ids, got shape {tuple(labels.shape)}")
-    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
-        raise TypeError(f"labels: expected an integer dtype (int8..int64, uint8), got {labels.dtype}")
-    if embeddings.shape[0] != labels.shape[0]:
+def pnp_spec(variant="O", anneal=0.01, alpha=1.0, b=2.0, similarity="cosine", reduction="mean") -> LossSpec:
+    """The checked spec of a PNP call."""
+    v = resolve_variant(variant)
+    spec = LossSpec(LOSS_PNP, v, check_positive("anneal", anneal), check_positive("alpha", alpha),
+                    check_positive("b", b), similarity == "cosine", reduction == "mean")
+    return spec
+
+
+def smooth_ap_spec(temperature=0.01, similarity="cosine", reduction="mean") -> LossSpec:
+    """The checked spec of a Smooth-AP call."""
+    return LossSpec(LOSS_SMOOTH_AP, VARIANTS["O"], check_positive("temperature", temperature), 1.0, 2.0,
+                    similarity == "cosine", reduction == "mean")
+
+
+def _check_embeddings(t, name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 2:
+        raise ValueError(f"{name}: expected a 2-D (batch, dim) tensor, got shape {tuple(t.shape)}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected a floating point dtype (float16, bfloat16, float32, float64), got {t.dtype}")
+    if t.shape[0] == 0:
+        raise ValueError(f"{name}: empty batch (batch size 0)")
+    if t.shape[1] == 0:
+        raise ValueError(f"{name}: embedding dimension is 0")
+
+
+def _check_labels(t, name: str, n: int, of: str, device: torch.device) -> Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 1:
+        raise ValueError(f"{name}: expected a 1-D tensor of class ids, got shape {tuple(t.shape)}")
+    if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+        raise TypeError(f"{name}: expected an integer dtype (int8..int64, uint8), got {t.dtype}")
+    if t.shape[0] != n:
+        raise ValueError(f"{name}: length {t.shape[0]} does not match the batch size of {of} ({n})")
+    if t.device != device:
+        t = t.to(device)
+    return t if t.dtype == torch.int64 else t.to(torch.int64)
+
+
+def _check_reference(embeddings: Tensor, ref_emb, ref_labels, query_ref_index) -> Tuple[Tensor, Optional[Tensor]]:
+    """Validated (ref_labels, query_ref_index) on the embeddings' device, int64."""
+    _check_embeddings(ref_emb, "ref_emb")
+    if ref_emb.shape[1] != embeddings.shape[1]:
         raise ValueError(
-            f"labels: length {labels.shape[0]} does not match the batch size of embeddings ({embeddings.shape[0]})"
+            f"ref_emb: embedding dimension {ref_emb.shape[1]} does not match embeddings' ({embeddings.shape[1]})"
         )
-    if embeddings.shape[0] == 0:
-        raise ValueError("embeddings: empty batch (batch size 0)")
-    if embeddings.shape[1] == 0:
-        raise ValueError("embeddings: embedding dimension is 0")
-    check_options(similarity, reduction, backend)
+    if ref_emb.device != embeddings.device:
+        raise ValueError(f"ref_emb: on {ref_emb.device}, but embeddings are on {embeddings.device}")
+    if LossSpec.compute_dtype_of(ref_emb.dtype) != LossSpec.compute_dtype_of(embeddings.dtype):
+        raise TypeError(
+            f"ref_emb: dtype {ref_emb.dtype} and embeddings' {embeddings.dtype} compute in different precisions; "
+            "make both float64 or neither"
+        )
+    if ref_labels is None:
+        raise ValueError("ref_labels: required when ref_emb is given")
+    M = ref_emb.shape[0]
+    ref_labels = _check_labels(ref_labels, "ref_labels", M, "ref_emb", embeddings.device)
+    if query_ref_index is None:
+        return ref_labels, None
+    if not isinstance(query_ref_index, torch.Tensor):
+        raise TypeError(f"query_ref_index: expected a torch.Tensor, got {type(query_ref_index).__name__}")
+    if query_ref_index.dtype == torch.bool or query_ref_index.is_floating_point() or query_ref_index.is_complex():
+        raise TypeError(f"query_ref_index: expected an integer dtype, got {query_ref_index.dtype}")
+    if query_ref_index.shape != (embeddings.shape[0],):
+        raise ValueError(
+            f"query_ref_index: expected shape ({embeddings.shape[0]},), one entry per query, "
+            f"got {tuple(query_ref_index.shape)}"
+        )
+    if query_ref_index.device != embeddings.device:
+        query_ref_index = query_ref_index.to(embeddings.device)
+    query_ref_index = query_ref_index.to(torch.int64)
+    if query_ref_index.device.type == "cpu":  # free here; on a GPU the check would synchronise
+        bad = (query_ref_index < -1) | (query_ref_index >= M)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"query_ref_index: entry {i} is {int(query_ref_index[i])}, outside -1 .. {M - 1} "
+                f"(the reference set has {M} rows)"
+            )
+    return ref_labels, query_ref_index
+
+
+def compute_loss(
+    embeddings: Tensor,
+    labels: Tensor,
+    ref_emb: Optional[Tensor],
+    ref_labels: Optional[Tensor],
+    query_ref_index: Optional[Tensor],
+    spec: LossSpec,
+    backend: str,
+    distributed: bool = False,
+    process_group=None,
+) -> Tuple[Tensor, Tensor]:
+    """Validate, then (output, n_valid) of the square, reference-set or distributed loss."""
+    _check_embeddings(embeddings, "embeddings")
+    labels = _check_labels(labels, "labels", embeddings.shape[0], "embeddings", embeddings.device)
+    if ref_emb is None:
+        if ref_labels is not None:
+            raise ValueError("ref_labels: given without ref_emb")
+        if query_ref_index is not None:
+            raise ValueError("query_ref_index: given without ref_emb")
+    else:
+        ref_labels, query_ref_index = _check_reference(embeddings, ref_emb, ref_labels, query_ref_index)
+    impl = resolve_backend(backend, embeddings.device, embeddings.dtype)
+    impl.check_tensor(embeddings, "embeddings")
+    if ref_emb is not None:
+        impl.check_tensor(ref_emb, "ref_emb")
+    grad = torch.is_grad_enabled()
+    if distributed:
+        from . import distributed as dist_mode
+
+        if query_ref_index is not None:
+            raise ValueError(
+                "query_ref_index: not accepted with distributed=True (the gathered global batch heads the "
+                "reference set and each query's own copy is found there); pass only ref_emb/ref_labels"
+            )
+        if dist_mode.world_size(process_group) > 1:
+            return dist_mode.distributed_loss(embeddings, labels, ref_emb, ref_labels, spec, impl.name,
+                                              process_group)
+    if ref_emb is None:
+        return apply_square(embeddings, labels, spec, impl.name, grad and embeddings.requires_grad)
+    return apply_reference(embeddings, labels, ref_emb, ref_labels, query_ref_index, spec, impl.name,
+                           grad and embeddings.requires_grad, grad and ref_emb.requires_grad)
 
 
 def pnp_loss(
-    embeddings: torch.Tensor,
-    labels: torch.Tensor,
+    embeddings: Tensor,
+    labels: Tensor,
+    ref_emb: Optional[Tensor] = None,
+    ref_labels: Optional[Tensor] = None,
     *,
+    query_ref_index: Optional[Tensor] = None,
     variant: str = "O",
     anneal: float = 0.01,
     alpha: float = 1.0,
@@ -77,13 +186,22 @@ def pnp_loss(
     similarity: str = "cosine",
     reduction: str = "mean",
     backend: str = "auto",
-) -> torch.Tensor:
-    """PNP loss (Li et al., AAAI 2022) of a batch of embeddings, exact and in O(B^2) memory.
+    distributed: bool = False,
+    process_group=None,
+) -> Tensor:
+    """PNP loss (Li et al., AAAI 2022), exact and in O(B^2) memory (O(Q M) against a reference set).
 
     Args:
-        embeddings: (B, D) float16/bfloat16/float32/float64 tensor, any device.
+        embeddings: (B, D) float16/bfloat16/float32/float64 queries, any device.
         labels: (B,) integer class ids (any integer dtype, any values, any order).
             Moved to the embeddings' device if needed.
+        ref_emb: optional (M, D) reference set to rank the queries against, as in
+            pytorch-metric-learning (same device; float64 only with float64 queries).
+            Without it each query is ranked against the batch itself.
+        ref_labels: (M,) integer labels of ``ref_emb``; required with it.
+        query_ref_index: optional (B,) integer tensor: the position of each query's own
+            copy in ``ref_emb``, or -1 when it has none (``None``: no copies). A query is
+            valid iff it has a positive in the reference set other than its own copy.
         variant: "O", "Ds", "Dq", "Iu", "Ib" or the authors' "PNP-O", "PNP-D_s",
             "PNP-D_q", "PNP-I_u", "PNP-I_b".
         anneal: sigmoid temperature tau > 0.
@@ -91,32 +209,58 @@ def pnp_loss(
         b: slope of "Ib" (> 0).
         similarity: "cosine" (rows L2-normalised, as pytorch-metric-learning) or
             "dot" (raw inner products, as the authors' code).
-        reduction: "mean" over queries that have a positive besides themselves
-            (0 when there are none), or "none": a (B,) vector with each query's
-            loss and 0 for dropped queries.
+        reduction: "mean" over the valid queries (0, still in the graph, when there are
+            none), or "none": a (B,) vector with each query's loss and 0 for dropped ones.
         backend: "auto" (Triton on CUDA, else torch), "triton", "torch" or "ext".
+        distributed: rank against the global batch of every process of
+            ``process_group`` (torch.distributed; docs/distributed.md). Each rank passes its
+            local batch; every rank returns the loss of the whole global batch, and its
+            embeddings receive W times the gradient of it, so that DDP's averaging gives
+            the single-process gradient. No effect without an initialised group of >= 2.
+        process_group: the torch.distributed group (default: the world).
 
     Returns:
         A float32 scalar (float64 for float64 embeddings), or a (B,) vector for
-        ``reduction="none"``. Gradients flow back to ``embeddings`` in its dtype.
+        ``reduction="none"``. Gradients flow back to ``embeddings`` (and to ``ref_emb``
+        when it requires grad) in their dtypes.
 
-    Each query i counts itself among its positives P_i. With
-    R_ij = sum_{k: y_k != y_i} sigmoid((S_ik - S_ij) / anneal), the query's loss
-    is mean_{j in P_i} f(R_ij) (1 - that for "Dq"); queries with |P_i| < 2 are dropped.
+    Each query i counts every reference row of its class as a positive (in the square
+    case: itself included). With R_ij = sum_{k: y_k != y_i} sigmoid((S_ik - S_ij) / anneal),
+    the query's loss is mean_{j in P_i} f(R_ij) (1 - mean (1+R)^-alpha for "Dq").
     """
-    v = resolve_variant(variant)
-    anneal = _check_positive("anneal", anneal)
-    alpha = _check_positive("alpha", alpha)
-    b = _check_positive("b", b)
-    _validate(embeddings, labels, similarity, reduction, backend)
+    check_options(similarity, reduction, backend)
+    spec = pnp_spec(variant, anneal, alpha, b, similarity, reduction)
+    return compute_loss(embeddings, labels, ref_emb, ref_labels, query_ref_index, spec, backend, distributed,
+                        process_group)[0]
 
-    name = resolve_backend(backend, embeddings.device, embeddings.dtype)
-    if name == "triton" and embeddings.dtype == torch.float64:
-        raise TypeError("embeddings: backend='triton' computes in float32; use backend='torch' for float64")
-    if labels.device != embeddings.device:
-        labels = labels.to(embeddings.device)
-    if labels.dtype != torch.int64:
-        labels = labels.to(torch.int64)
-    compute_grad = torch.is_grad_enabled() and embeddings.requires_grad
-    return pnp_apply(embeddings, labels, v, anneal, alpha, b, similarity == "cosine", reduction == "mean", name,
-                     compute_grad)
+
+def smooth_ap_loss(
+    embeddings: Tensor,
+    labels: Tensor,
+    ref_emb: Optional[Tensor] = None,
+    ref_labels: Optional[Tensor] = None,
+    *,
+    query_ref_index: Optional[Tensor] = None,
+    temperature: float = 0.01,
+    similarity: str = "cosine",
+    reduction: str = "mean",
+    backend: str = "auto",
+    distributed: bool = False,
+    process_group=None,
+) -> Tensor:
+    """Smooth-AP loss (Brown et al., ECCV 2020), exact for any labels, in O(B^2) memory.
+
+    For query q, each positive j and T = ``temperature``:
+    all_qj = 1 + sum_{k != j} sigmoid((S_qk - S_qj)/T) over every reference row k and
+    pos_qj = 1 + the same sum over the positives k; AP_q = mean_j pos_qj / all_qj, and
+    the loss is 1 - the mean of AP_q over the valid queries (0 when there are none).
+    A query whose class has no member besides itself is dropped, as in :func:`pnp_loss`.
+
+    The arguments are those of :func:`pnp_loss` (without the PNP options); the
+    reference-set, distributed and backend rules are the same. ``reduction="none"``
+    gives 1 - AP_q per query, 0 for dropped ones.
+    """
+    check_options(similarity, reduction, backend)
+    spec = smooth_ap_spec(temperature, similarity, reduction)
+    return compute_loss(embeddings, labels, ref_emb, ref_labels, query_ref_index, spec, backend, distributed,
+                        process_group)[0]

@@ -1,19 +1,26 @@
-"""The B x B x B formulation of the PNP loss: plain autograd, the test oracle.
+"""Brute-force formulations of the losses: plain autograd programs, the test oracles.
 
-This mirrors pytorch-metric-learning's ``PNPLoss`` and the authors' code
-(difference tensor ``[i, j, k] = S_ik - S_ij``, their clamped sigmoid, masks) but
-with DESIGN.md's handling of queries that have no positive besides themselves:
-they are dropped from the mean instead of producing 0/0. It runs in the dtype it
-is given, so float64 inputs give a float64 oracle. Memory grows as B^3: use it
-for tests and small benchmarks only. It is the only module where a B^3 tensor
-may appear.
+``pnp_loss_reference`` mirrors pytorch-metric-learning's ``PNPLoss`` and the
+authors' code (difference tensor ``[i, j, k] = S_ik - S_ij``, their clamped
+sigmoid, masks) and ``smooth_ap_loss_reference`` the Smooth-AP definition, both
+generalised to a reference set and to arbitrary labels with the package's rule for
+queries that have no positive besides their own copy: they are dropped from the
+mean instead of producing 0/0 (docs/semantics.md). ``row_losses_reference`` is the
+per-row function every backend's row kernel computes, on a given similarity block.
+
+They run in the dtype they are given, so float64 inputs give a float64 oracle, and
+they share no formula with the kernels. Memory grows as Q x M x M: tests and small
+benchmarks only. This is the only module where such a tensor may appear.
 """
+
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from .variants import resolve_variant
+from .variants import LOSS_PNP, LOSS_SMOOTH_AP, resolve_variant
 
 # The references' own formulas (pytorch-metric-learning / the authors' code), kept
 # apart from the kernels' accurate forms in variants.py so the oracle shares no code
@@ -26,7 +33,7 @@ _REFERENCE_F = {
     "Ib": lambda R, a, b: 1 / b**2 * (b * R - torch.log(1 + b * R)),
 }
 
-__all__ = ["pnp_loss_reference", "reference_sigmoid"]
+__all__ = ["pnp_loss_reference", "smooth_ap_loss_reference", "row_losses_reference", "reference_sigmoid"]
 
 
 def reference_sigmoid(x: torch.Tensor, temp: float) -> torch.Tensor:
@@ -35,10 +42,55 @@ def reference_sigmoid(x: torch.Tensor, temp: float) -> torch.Tensor:
     return 1.0 / (1.0 + torch.exp(exponent))
 
 
+def _similarity(x: torch.Tensor, similarity: str) -> torch.Tensor:
+    if similarity == "cosine":
+        return F.normalize(x, p=2, dim=1)
+    if similarity == "dot":
+        return x
+    raise ValueError(f"similarity: unknown value {similarity!r}; valid values are cosine, dot")
+
+
+def _setup(embeddings, labels, ref_emb, ref_labels, query_ref_index, similarity, reduction):
+    """(S, same, valid): similarities, positive mask and the valid-query mask."""
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction: unknown value {reduction!r}; valid values are mean, none")
+    labels = labels.to(embeddings.device)
+    xq = _similarity(embeddings, similarity)
+    if ref_emb is None:
+        xr, ref_labels = xq, labels
+        query_ref_index = torch.arange(embeddings.shape[0], device=embeddings.device)
+    else:
+        xr = _similarity(ref_emb, similarity)
+        ref_labels = labels if ref_labels is None else ref_labels.to(embeddings.device)
+    sim = xq @ xr.t()
+    same = labels[:, None] == ref_labels[None, :]  # positives (the query's own copy included)
+    n_pos = same.sum(dim=1)
+    if query_ref_index is None:
+        has_self = torch.zeros_like(n_pos, dtype=torch.bool)
+    else:
+        qri = query_ref_index.to(embeddings.device).long()
+        own = qri >= 0
+        has_self = own & same.gather(1, qri.clamp(min=0)[:, None])[:, 0]
+    valid = (n_pos - has_self.long()) >= 1
+    return sim, same, valid
+
+
+def _reduce(per_query: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
+    zero = torch.zeros_like(per_query)
+    if reduction == "none":
+        return torch.where(valid, per_query, zero)
+    n_valid = valid.sum()
+    mean = torch.where(valid, per_query, zero).sum() / n_valid.clamp(min=1)
+    return torch.where(n_valid > 0, mean, mean * 0)
+
+
 def pnp_loss_reference(
     embeddings: torch.Tensor,
     labels: torch.Tensor,
+    ref_emb: Optional[torch.Tensor] = None,
+    ref_labels: Optional[torch.Tensor] = None,
     *,
+    query_ref_index: Optional[torch.Tensor] = None,
     variant="O",
     anneal: float = 0.01,
     alpha: float = 1.0,
@@ -46,24 +98,14 @@ def pnp_loss_reference(
     similarity: str = "cosine",
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """PNP loss by the B^3 formulation, differentiable by autograd.
+    """PNP loss by the Q x M x M formulation, differentiable by autograd.
 
     Args mirror :func:`pnp_kernels.pnp_loss`. Computation happens in
     ``embeddings.dtype`` (no upcast), so the reference can also be run in half
     precision to measure what precision alone costs.
     """
     v = resolve_variant(variant)
-    if similarity == "cosine":
-        x = F.normalize(embeddings, p=2, dim=1)
-    elif similarity == "dot":
-        x = embeddings
-    else:
-        raise ValueError(f"similarity: unknown value {similarity!r}; valid values are cosine, dot")
-    if reduction not in ("mean", "none"):
-        raise ValueError(f"reduction: unknown value {reduction!r}; valid values are mean, none")
-    labels = labels.to(embeddings.device)
-    sim = x @ x.t()
-    same = labels[:, None] == labels[None, :]  # positives, self included
+    sim, same, valid = _setup(embeddings, labels, ref_emb, ref_labels, query_ref_index, similarity, reduction)
     neg = (~same).to(sim.dtype)
     pos = same.to(sim.dtype)
     diff = sim[:, None, :] - sim[:, :, None]  # [i, j, k] = S_ik - S_ij
@@ -71,13 +113,79 @@ def pnp_loss_reference(
     R = ranked_above.sum(dim=-1)  # [i, j]
     fR = _REFERENCE_F[v.name](R, alpha, b)
     n_pos = pos.sum(dim=1)
-    per_query = (fR * pos).sum(dim=1) / n_pos
-    valid = n_pos >= 2
-    zero = torch.zeros_like(per_query)
+    per_query = (fR * pos).sum(dim=1) / n_pos.clamp(min=1)
     if v.name == "Dq":
         per_query = 1.0 - per_query
-    if reduction == "none":
-        return torch.where(valid, per_query, zero)
-    n_valid = valid.sum()
-    mean = torch.where(valid, per_query, zero).sum() / n_valid.clamp(min=1)
-    return torch.where(n_valid > 0, mean, mean * 0)
+    return _reduce(per_query, valid, reduction)
+
+
+def smooth_ap_loss_reference(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    ref_emb: Optional[torch.Tensor] = None,
+    ref_labels: Optional[torch.Tensor] = None,
+    *,
+    query_ref_index: Optional[torch.Tensor] = None,
+    temperature: float = 0.01,
+    similarity: str = "cosine",
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Smooth-AP loss (1 - mean AP) by the Q x M x M formulation, for any labels.
+
+    For query q and each positive j: all_qj = 1 + sum_{k != j} sigmoid((S_qk - S_qj)/T)
+    over every reference row k, pos_qj = 1 + the same sum over the positives k;
+    AP_q = mean_j pos_qj / all_qj.
+    """
+    sim, same, valid = _setup(embeddings, labels, ref_emb, ref_labels, query_ref_index, similarity, reduction)
+    M = sim.shape[1]
+    pos = same.to(sim.dtype)
+    not_self = 1.0 - torch.eye(M, dtype=sim.dtype, device=sim.device)  # [j, k]: k != j
+    diff = sim[:, None, :] - sim[:, :, None]  # [i, j, k] = S_ik - S_ij
+    sig = reference_sigmoid(diff, temperature) * not_self[None]
+    all_rank = 1.0 + sig.sum(dim=-1)  # [i, j]
+    pos_rank = 1.0 + (sig * pos[:, None, :]).sum(dim=-1)
+    n_pos = pos.sum(dim=1)
+    ap = (pos_rank / all_rank * pos).sum(dim=1) / n_pos.clamp(min=1)
+    return _reduce(1.0 - ap, valid, reduction)
+
+
+def row_losses_reference(
+    S: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    *,
+    kind: int = LOSS_PNP,
+    variant="O",
+    anneal: float = 0.01,
+    alpha: float = 1.0,
+    b: float = 2.0,
+) -> torch.Tensor:
+    """The per-row loss every backend's row kernel computes on a similarity block.
+
+    Row p of S (Q x M) has the positives [lo_p, hi_p) and every other column as a
+    negative; a row with an empty segment is dropped (0). PNP: mean_j f(R_pj), the
+    Dq value being 1 - (1+R)^-alpha per pair; Smooth-AP: mean_j neg_j / (pos_j + neg_j).
+    The gradient dS of a kernel is checked against autograd through this function.
+    """
+    cols = torch.arange(S.shape[1], device=S.device)
+    lo = lo.to(S.device).long()
+    hi = hi.to(S.device).long()
+    pos = ((cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None])).to(S.dtype)  # [p, k]
+    neg = 1.0 - pos
+    n = pos.sum(dim=1)
+    sig = reference_sigmoid(S[:, None, :] - S[:, :, None], anneal)  # [p, j, k]
+    R = (sig * neg[:, None, :]).sum(dim=-1)  # [p, j]
+    if kind == LOSS_PNP:
+        v = resolve_variant(variant)
+        fR = _REFERENCE_F[v.name](R, alpha, b)
+        if v.name == "Dq":
+            fR = 1.0 - fR
+        per_pair = fR
+    elif kind == LOSS_SMOOTH_AP:
+        not_self = 1.0 - torch.eye(S.shape[1], dtype=S.dtype, device=S.device)
+        pos_rank = 1.0 + (sig * (pos[:, None, :] * not_self[None])).sum(dim=-1)
+        per_pair = R / (pos_rank + R)
+    else:
+        raise ValueError(f"kind: unknown loss kind {kind}")
+    per_row = (per_pair * pos).sum(dim=1) / n.clamp(min=1)
+    return torch.where(n >= 1, per_row, torch.zeros_like(per_row))

@@ -3,6 +3,10 @@
 TRITON_INTERPRET must be set before triton is first imported (the Triton backend
 decides at import time whether its kernels can run on the CPU), so it is set here,
 at the very top, before anything imports torch, triton or pnp_kernels.
+
+PNP_KERNELS_REQUIRE_BACKENDS (comma-separated names, CI sets "torch,ext,triton"):
+a listed backend that is unavailable FAILS the tests that need it instead of
+skipping them, so a backend that does not build cannot hide behind a skip.
 """
 import os
 
@@ -16,9 +20,16 @@ import torch  # noqa: E402
 import pnp_kernels  # noqa: E402
 from pnp_kernels.reference import pnp_loss_reference  # noqa: E402
 
-VARIANTS = ("O", "Ds", "Dq", "Iu", "Ib")
-SIMILARITIES = ("cosine", "dot")
+from pnp_kernels.backends import BACKEND_NAMES  # noqa: E402
+from pnp_kernels.spec import SIMILARITIES  # noqa: E402, F401
+from pnp_kernels.variants import VARIANTS as VARIANT_TABLE  # noqa: E402
+
+VARIANTS = tuple(VARIANT_TABLE)
 ALL_BACKENDS = ("torch", "triton", "ext")
+assert set(ALL_BACKENDS) == set(BACKEND_NAMES)
+REQUIRED_BACKENDS = tuple(
+    b.strip() for b in os.environ.get("PNP_KERNELS_REQUIRE_BACKENDS", "").split(",") if b.strip()
+)
 
 # Label patterns, each given as class sizes (a size-1 class is a singleton) plus
 # whether the batch is class-sorted. Labels of unsorted patterns are arbitrary
@@ -143,9 +154,13 @@ def assert_close_to_reference(out, grad, ref_out, ref_grad, tol):
 
 
 def require_backend(name: str):
+    """Skip when backend ``name`` is unavailable here, or fail when PNP_KERNELS_REQUIRE_BACKENDS lists it."""
     if name not in pnp_kernels.available_backends():
-        status = pnp_kernels.backend_status().get(name, {}) if hasattr(pnp_kernels, "backend_status") else {}
-        pytest.skip(f"backend {name!r} unavailable here: {status.get('reason', 'not available')}")
+        reason = pnp_kernels.backend_status()[name]["reason"]
+        msg = f"backend {name!r} unavailable here: {reason}"
+        if name in REQUIRED_BACKENDS:
+            pytest.fail(msg + " (required by PNP_KERNELS_REQUIRE_BACKENDS)")
+        pytest.skip(msg)
 
 
 @pytest.fixture(params=ALL_BACKENDS)

@@ -5,14 +5,15 @@ Loss AND gradient w.r.t. the embeddings, float32 inputs, norm-wise relative erro
 (exact zeros where the reference is 0). Triton runs under the interpreter here:
 its shapes stay small (B <= 48, D <= 16).
 """
-import importlib
-import inspect
-
 import pytest
 import torch
 
 import pnp_kernels
-from pnp_kernels.backends import torch as torch_backend
+from pnp_kernels.backends import get_backend
+from pnp_kernels.backends.torch_backend import TorchBackend
+from pnp_kernels.reference import row_losses_reference
+from pnp_kernels.spec import LossSpec
+from pnp_kernels.variants import LOSS_PNP, LOSS_SMOOTH_AP
 from pnp_kernels.variants import VARIANTS as VARIANT_TABLE
 
 from conftest import (
@@ -247,70 +248,99 @@ def _random_S(B, gen, dtype=torch.float32):
 KERNEL_SIZES = [3, 2, 7, 1, 18, 4]
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("max_tile_elems", [1, 64, 1000])
-def test_torch_rows_forward_chunking(variant, max_tile_elems):
-    """Tiny tile budgets (one row per chunk, a few rows) give the same per-row loss and G."""
-    gen = make_generator(1300 + VARIANTS.index(variant))
+def _kernel_segments():
+    """Segments of KERNEL_SIZES with the preparation's rule: a class of one gets an empty segment."""
     labels = torch.repeat_interleave(torch.arange(len(KERNEL_SIZES)), torch.tensor(KERNEL_SIZES))
     _, _, lo, hi = segments(labels)
+    return labels, lo, torch.where(hi - lo >= 2, hi, lo)
+
+
+def _spec(kind, variant):
+    if kind == "smooth_ap":
+        return LossSpec(LOSS_SMOOTH_AP, VARIANT_TABLE["O"], 0.05)
+    return LossSpec(LOSS_PNP, VARIANT_TABLE[variant], 0.05, 2.0, 3.0)
+
+
+ROW_CASES = [("pnp", v) for v in VARIANTS] + [("smooth_ap", "O")]
+ROW_IDS = [f"{k}-{v}" if k == "pnp" else k for k, v in ROW_CASES]
+
+
+@pytest.mark.parametrize("kind,variant", ROW_CASES, ids=ROW_IDS)
+@pytest.mark.parametrize("max_tile_elems", [1, 64, 1000])
+def test_torch_rows_forward_chunking(kind, variant, max_tile_elems):
+    """Tiny tile budgets (one row per chunk, a few rows) give the same per-row loss and G."""
+    gen = make_generator(1300 + ROW_CASES.index((kind, variant)))
+    labels, lo, hi = _kernel_segments()
     S = _random_S(labels.numel(), gen)
-    v = VARIANT_TABLE[variant]
-    l0, G0 = torch_backend.rows_forward(S, lo, hi, v, 0.05, 2.0, 3.0, True)
-    l1, G1 = torch_backend.rows_forward(S, lo, hi, v, 0.05, 2.0, 3.0, True, max_tile_elems=max_tile_elems)
+    spec = _spec(kind, variant)
+    l0, G0 = TorchBackend().row_losses_and_dS(S, lo, hi, spec, True)
+    small = TorchBackend(max_tile_elems=max_tile_elems)
+    l1, G1 = small.row_losses_and_dS(S, lo, hi, spec, True)
     assert l0.abs().sum() > 0 and G0.abs().sum() > 0
     assert torch.allclose(l1, l0, rtol=1e-6, atol=0)
     assert rel_err(G1, G0) <= 1e-6
     # without gradient: same loss, no G
-    l2, G2 = torch_backend.rows_forward(S, lo, hi, v, 0.05, 2.0, 3.0, False, max_tile_elems=max_tile_elems)
+    l2, G2 = small.row_losses_and_dS(S, lo, hi, spec, False)
     assert G2 is None
     assert torch.allclose(l2, l0, rtol=1e-6, atol=0)
 
 
-def _triton_rows_kwargs(fn):
-    """Force the smallest tiles the installed Triton launcher allows (multi-chunk paths)."""
-    params = inspect.signature(fn).parameters
-    if "block_p" in params:
-        return {"block_p": 2}
-    if "tile" in params:
-        return {"tile": 128}
-    return {}
+@pytest.mark.parametrize("kind,variant", ROW_CASES, ids=ROW_IDS)
+def test_torch_rows_forward_matches_row_oracle(kind, variant):
+    """The torch backend's row stage in float64 against the brute-force row oracle, loss and dS."""
+    gen = make_generator(1350 + ROW_CASES.index((kind, variant)))
+    labels, lo, hi = _kernel_segments()
+    S = _random_S(labels.numel(), gen, torch.float64).requires_grad_(True)
+    spec = _spec(kind, variant)
+    loss, G = TorchBackend().row_losses_and_dS(S.detach(), lo, hi, spec, True)
+    ref = row_losses_reference(S, lo, hi, kind=spec.kind, variant=variant, anneal=0.05, alpha=2.0, b=3.0)
+    w = torch.rand(ref.shape, generator=gen, dtype=torch.float64)
+    ref_G = torch.autograd.grad((ref * w).sum(), S)[0]
+    assert rel_err(loss, ref) <= 1e-12
+    assert rel_err(G * w[:, None], ref_G) <= 1e-12
 
 
-KERNEL_CASES = ([("triton", v, False) for v in VARIANTS] + [("triton", "O", True), ("triton", "Ib", True)]
-                + [("ext", v, False) for v in VARIANTS])
+KERNEL_CASES = ([("triton", k, v, False) for k, v in ROW_CASES] + [("triton", "pnp", "O", True),
+                                                                    ("triton", "pnp", "Ib", True),
+                                                                    ("triton", "smooth_ap", "O", True)]
+                + [("ext", k, v, False) for k, v in ROW_CASES])
 
 
-@pytest.mark.parametrize("name,variant,small_tiles", KERNEL_CASES,
-                         ids=[f"{n}-{v}-{'small_tiles' if t else 'default'}" for n, v, t in KERNEL_CASES])
-def test_backend_rows_forward_matches_torch(name, variant, small_tiles):
-    """Kernel level: a backend's rows_forward (float32) against the torch backend's in float64
-    on the same S / segments (classes of 2-4, 5-8, > 16 positives and a singleton), and its
-    symmetric_grad against the torch one."""
+@pytest.mark.parametrize("name,kind,variant,small_tiles", KERNEL_CASES,
+                         ids=[f"{n}-{k}-{v}-{'small_tiles' if t else 'default'}" for n, k, v, t in KERNEL_CASES])
+def test_backend_rows_forward_matches_torch(name, kind, variant, small_tiles):
+    """Kernel level: a backend's row stage (float32) against the torch backend's in float64
+    on the same S / segments (classes of 2-4, 5-8, > 16 positives and a dropped singleton),
+    and its symmetrise stage against the torch one."""
     require_backend(name)
-    impl = importlib.import_module(f"pnp_kernels.backends.{name}")
-
-    gen = make_generator(1400 + VARIANTS.index(variant))
-    labels = torch.repeat_interleave(torch.arange(len(KERNEL_SIZES)), torch.tensor(KERNEL_SIZES))
-    _, _, lo, hi = segments(labels)
+    impl = get_backend(name)
+    gen = make_generator(1400 + ROW_CASES.index((kind, variant)))
+    labels, lo, hi = _kernel_segments()
     S = _random_S(labels.numel(), gen)
-    v = VARIANT_TABLE[variant]
-    kw = _triton_rows_kwargs(impl.rows_forward) if small_tiles else {}
-    lt, Gt = impl.rows_forward(S, lo, hi, v, 0.05, 2.0, 3.0, True, **kw)
-    l64, G64 = torch_backend.rows_forward(S.double(), lo, hi, v, 0.05, 2.0, 3.0, True)
+    spec = _spec(kind, variant)
+    if small_tiles:  # the smallest tiles the Triton launcher allows: multi-chunk paths
+        from pnp_kernels.backends import triton_kernels
+
+        def rows(S, lo, hi, spec, grad):
+            return triton_kernels.row_losses_and_dS(S, lo, hi, spec.kind, spec.variant.code, spec.anneal,
+                                                    spec.alpha, spec.b, grad, tile=128)
+    else:
+        rows = impl.row_losses_and_dS
+    lt, Gt = rows(S, lo, hi, spec, True)
+    l64, G64 = TorchBackend().row_losses_and_dS(S.double(), lo, hi, spec, True)
     assert lt.dtype == torch.float32 and Gt.dtype == torch.float32
     assert rel_err(lt, l64) <= TOL32
     assert rel_err(Gt, G64) <= TOL32
-    singleton_rows = (hi - lo) < 2
-    assert torch.all(lt[singleton_rows] == 0) and torch.all(Gt[singleton_rows] == 0)
-    # symmetric_grad of both backends
+    dropped = hi == lo
+    assert dropped.any() and torch.all(lt[dropped] == 0) and torch.all(Gt[dropped] == 0)
+    # symmetrise of both backends
     g = torch.randn(labels.numel(), generator=gen)
-    Ht = impl.symmetric_grad(Gt, g)
-    Hr = torch_backend.symmetric_grad(Gt, g)
+    Ht = impl.symmetrize(Gt, g)
+    Hr = TorchBackend().symmetrize(Gt, g)
     assert torch.allclose(Ht, Hr, rtol=1e-6, atol=1e-7)
     assert torch.allclose(Ht, Ht.t())
     if small_tiles or name != "triton":
         # no-gradient launch: same losses
-        ln, Gn = impl.rows_forward(S, lo, hi, v, 0.05, 2.0, 3.0, False, **kw)
+        ln, Gn = rows(S, lo, hi, spec, False)
         assert Gn is None
         assert torch.allclose(ln, lt, rtol=1e-6, atol=0)

@@ -10,6 +10,7 @@ import torch
 import pnp_kernels
 from pnp_kernels import pnp_loss
 from pnp_kernels.reference import pnp_loss_reference
+from pnp_kernels.spec import SquarePrep
 
 pytestmark = pytest.mark.skipif("triton" not in pnp_kernels.available_backends(), reason="triton unavailable")
 
@@ -29,15 +30,15 @@ def _labels(pattern, n, gen):
 @pytest.mark.parametrize("pattern", ["unsorted", "distinct", "one_class", "unequal"])
 @pytest.mark.parametrize("cosine", [True, False])
 def test_count_sort_prep_equals_sort_prep(monkeypatch, pattern, cosine):
-    from pnp_kernels.backends import triton as tb
+    from pnp_kernels.backends import triton_kernels as tb
 
     gen = torch.Generator().manual_seed(11)
     y = _labels(pattern, 34, gen)
     E = torch.randn(y.numel(), 5, generator=gen).half()  # also exercises the dtype conversion
     monkeypatch.setattr(tb, "COUNT_SORT_MAX_B", 0)
-    a = tb.prepare(E, y, cosine, torch.float32)
+    a = SquarePrep(*tb.prepare(E, y, cosine))
     monkeypatch.setattr(tb, "COUNT_SORT_MAX_B", 4096)
-    b = tb.prepare(E, y, cosine, torch.float32)
+    b = SquarePrep(*tb.prepare(E, y, cosine))
     assert torch.equal(a.perm, b.perm)  # both are the stable sort
     assert torch.equal(a.perm, torch.sort(y, stable=True).indices)
     assert torch.equal(a.lo, b.lo) and torch.equal(a.hi, b.hi)
@@ -46,7 +47,7 @@ def test_count_sort_prep_equals_sort_prep(monkeypatch, pattern, cosine):
 
 @pytest.mark.parametrize("variant", ["O", "Dq", "Ib"])
 def test_count_sort_path_loss_and_grad_match_reference(monkeypatch, variant):
-    from pnp_kernels.backends import triton as tb
+    from pnp_kernels.backends import triton_kernels as tb
 
     monkeypatch.setattr(tb, "COUNT_SORT_MAX_B", 4096)
     gen = torch.Generator().manual_seed(12)

@@ -1,55 +1,61 @@
-"""Backend registry: which implementations exist, which are usable, and why not.
+"""Backend registry: which implementations exist, which are usable here, and why not.
 
-A backend is a module with ``rows_forward``, ``symmetric_grad``, ``is_available``
-and ``why_unavailable`` (interface documented in ``backends/torch.py``).
+A backend is an instance of a :class:`~pnp_kernels.backends.base.Backend`
+subclass; its module is imported on first use and the instance is cached.
 """
+
 from __future__ import annotations
 
 import importlib
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch as _torch
 
-__all__ = ["BACKEND_NAMES", "get_backend", "available_backends", "backend_status", "resolve_backend"]
+from .base import Backend
 
-# Preference order for backend="auto" on CUDA; "torch" is the universal fallback.
+__all__ = ["Backend", "BACKEND_NAMES", "get_backend", "available_backends", "backend_status", "resolve_backend"]
+
+# Preference order for backend="auto"; "torch" is the universal fallback.
 BACKEND_NAMES = ("triton", "ext", "torch")
-_MODULES = {"triton": ".triton", "ext": ".ext", "torch": ".torch"}
-_LOADED: Dict[str, object] = {}  # get_backend runs at every step: skip importlib after the first
+_CLASSES = {
+    "triton": (".triton_backend", "TritonBackend"),
+    "ext": (".ext_backend", "ExtBackend"),
+    "torch": (".torch_backend", "TorchBackend"),
+}
+_LOADED: Dict[str, Backend] = {}  # get_backend runs at every step: import once
+_STATUS: Dict[str, Tuple[bool, str]] = {}
 
 
-def get_backend(name: str):
-    """Import and return the backend module called ``name``."""
-    mod = _LOADED.get(name)
-    if mod is None:
-        if name not in _MODULES:
-            raise ValueError(f"backend: unknown value {name!r}; valid values are auto, {', '.join(BACKEND_NAMES)}")
-        mod = _LOADED[name] = importlib.import_module(_MODULES[name], __name__)
-    return mod
+def _unknown(name) -> ValueError:
+    return ValueError(f"backend: unknown value {name!r}; valid values are auto, {', '.join(BACKEND_NAMES)}")
 
 
-_STATUS_CACHE: Dict[str, tuple] = {}
+def get_backend(name: str) -> Backend:
+    """The backend instance called ``name`` (imported on first use)."""
+    impl = _LOADED.get(name)
+    if impl is None:
+        if name not in _CLASSES:
+            raise _unknown(name)
+        module, cls = _CLASSES[name]
+        impl = _LOADED[name] = getattr(importlib.import_module(module, __name__), cls)()
+    return impl
 
 
-def _status(name: str):
-    """(available, reason) of a backend; computed once per process (availability is static)."""
-    if name not in _STATUS_CACHE:
-        _STATUS_CACHE[name] = _compute_status(name)
-    return _STATUS_CACHE[name]
-
-
-def _compute_status(name: str):
-    try:
-        mod = get_backend(name)
-    except Exception as exc:  # a backend module that fails to import is simply unavailable
-        return False, f"import failed: {exc!r}"
-    reason = mod.why_unavailable()
-    return (not reason), reason
+def _status(name: str) -> Tuple[bool, str]:
+    """(available, one-line reason) of a backend; computed once per process."""
+    if name not in _STATUS:
+        try:
+            reason = get_backend(name).why_unavailable()
+        except Exception as exc:  # a backend module that fails to import is unavailable
+            reason = f"import failed: {exc!r}"
+        _STATUS[name] = (not reason, reason.strip().splitlines()[0] if reason else "")
+    return _STATUS[name]
 
 
 def backend_status() -> Dict[str, Dict[str, object]]:
-    """Each backend's availability in this process and, when unavailable, why."""
-    out = {}
+    """Each backend's availability in this process and, when unavailable, a one-line
+    reason (for ext, with the path of the full build log)."""
+    out: Dict[str, Dict[str, object]] = {}
     for name in BACKEND_NAMES:
         ok, reason = _status(name)
         out[name] = {"available": ok, "reason": reason or "ok"}
@@ -61,19 +67,27 @@ def available_backends() -> List[str]:
     return [name for name in BACKEND_NAMES if _status(name)[0]]
 
 
-def resolve_backend(name: str, device: _torch.device, dtype: _torch.dtype) -> str:
-    """Pick the concrete backend for ``backend=name`` on tensors of ``device``/``dtype``.
+def resolve_backend(name: str, device: _torch.device, dtype: _torch.dtype) -> Backend:
+    """The backend for ``backend=name`` on tensors of ``device``/``dtype``.
 
-    Imports nothing (the triton status is computed when this package is imported), so
-    torch.compile traces it without a graph break.
+    "auto" takes the first backend, in ``BACKEND_NAMES`` order, that declares the
+    device type among its ``auto_devices``, computes in that dtype and is available;
+    it never triggers a compiler run (ext declares no auto device). Imports nothing
+    new after the first call, so torch.compile traces it without a graph break.
     """
     if name != "auto":
-        if name not in _MODULES:
-            raise ValueError(f"backend: unknown value {name!r}; valid values are auto, {', '.join(BACKEND_NAMES)}")
-        return name
-    if device.type == "cuda" and dtype != _torch.float64 and _status("triton")[0]:
-        return "triton"
-    return "torch"
+        if name not in _CLASSES:
+            raise _unknown(name)
+        return get_backend(name)
+    cdt = Backend.compute_dtype(dtype)
+    for candidate in BACKEND_NAMES:
+        try:
+            impl = get_backend(candidate)
+        except ImportError:  # its module does not import here (backend_status says why)
+            continue
+        if device.type in impl.auto_devices and cdt in impl.compute_dtypes and _status(candidate)[0]:
+            return impl
+    return get_backend("torch")
 
 
 # Whether "auto" may pick triton is decided once, at import, outside any traced code.

@@ -1,0 +1,236 @@
+"""The backend interface: every stage of a loss call, with PyTorch defaults.
+
+A backend is a subclass of :class:`Backend`. It declares its capabilities
+(devices, compute dtypes, whether it is free of host-device synchronisation,
+where ``backend="auto"`` may pick it) and implements one stage,
+:meth:`Backend.row_losses_and_dS` (the row kernel). Every other stage has a
+PyTorch default here; a backend overrides the stages it fuses.
+
+Square mode (one batch ranked against itself), in label-sorted order:
+
+    prep = prepare(E, labels)                sort, segments [lo, hi), Xs = normalise(E[perm])
+    S = Xs Xs^T                              GEMM, float32 (float64 for float64 input)
+    row_loss, G = row_losses_and_dS(S, lo, hi)      G[p, :] = d row_loss[p] / d S[p, :]
+    out, n_valid = reduce(row_loss, ...)     "mean" scalar or "none" vector, valid count
+  backward, with g_p = d out / d row_loss[p] times the upstream gradient:
+    H = symmetric_grad(G, grad_out, ...)     diag(g) G + (diag(g) G)^T   (S = Xs Xs^T)
+    dE = unprepare(H Xs)                     back through the normalisation and the sort
+
+Reference mode (Q queries against M reference rows): only the reference is sorted;
+S = Xq Xr^T is Q x M, the same row stage runs on it, and backward is
+dXq = (diag(g) G) Xr, dXr = (diag(g) G)^T Xq, each back through its normalisation
+(and the reference's sort). Memory is O(Q M): at most two Q x M buffers at once.
+
+Every default stage is built from fixed-shape device ops (sort, searchsorted,
+index_copy), so nothing here synchronises the host with a GPU. The normalisation
+matches ``F.normalize(x, dim=1, eps=1e-12)``: x / max(||x||, eps), whose gradient
+is (g - y (y . g)) / ||x|| when ||x|| > eps and g / eps otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Optional, Tuple
+
+import torch
+
+from ..spec import HALF_MAX, NORM_EPS, LossSpec, ReferencePrep, SquarePrep
+
+__all__ = ["Backend", "ForwardResult"]
+
+Tensor = torch.Tensor
+# (output, n_valid, prep, G or None): what a forward hands to its backward
+ForwardResult = Tuple[Tensor, Tensor, tuple, Optional[Tensor]]
+
+
+class Backend:
+    """Base class of the backends; the stages default to plain PyTorch."""
+
+    name: ClassVar[str] = ""
+    devices: ClassVar[Tuple[str, ...]] = ("cpu", "cuda")  # device types the kernels run on
+    compute_dtypes: ClassVar[Tuple[torch.dtype, ...]] = (torch.float32, torch.float64)
+    sync_free: ClassVar[bool] = True  # no host-device synchronisation inside a step
+    auto_devices: ClassVar[Tuple[str, ...]] = ()  # device types where backend="auto" picks it
+
+    # ---- availability and input checks ----------------------------------------------
+
+    def why_unavailable(self) -> str:
+        """"" when usable in this process, else a one-line reason."""
+        return ""
+
+    def is_available(self) -> bool:
+        return not self.why_unavailable()
+
+    def check_tensor(self, t: Tensor, arg: str) -> None:
+        """Raise a clear error when this backend cannot take ``t`` (device or dtype)."""
+        if t.device.type not in self.devices:
+            raise RuntimeError(
+                f"backend={self.name!r} runs on {', '.join(self.devices)} tensors, {arg} is on {t.device}"
+            )
+        if self.compute_dtype(t.dtype) not in self.compute_dtypes:
+            raise TypeError(
+                f"{arg}: backend={self.name!r} computes in "
+                f"{', '.join(str(d).replace('torch.', '') for d in self.compute_dtypes)}, "
+                f"not {t.dtype}; use backend='torch' for float64"
+            )
+
+    compute_dtype = staticmethod(LossSpec.compute_dtype_of)
+
+    # ---- the row stage: every backend implements it ----------------------------------
+
+    def row_losses_and_dS(
+        self, S: Tensor, lo: Tensor, hi: Tensor, spec: LossSpec, compute_grad: bool
+    ) -> Tuple[Tensor, Optional[Tensor]]:
+        """Per-row loss of a (queries x reference) similarity block and, if asked, its dS.
+
+        Row p's positives are the columns [lo_p, hi_p); an empty segment drops the row
+        (loss 0, zero gradient row). PNP: mean_j f(R_pj); Smooth-AP: mean_j neg_j/all_j
+        (docs/semantics.md). ``dS[p, :] = d row_loss[p] / d S[p, :]``.
+        """
+        raise NotImplementedError
+
+    # ---- shared stages ----------------------------------------------------------------
+
+    @staticmethod
+    def normalize(X: Tensor, cosine: bool) -> Tuple[Tensor, Tensor]:
+        """(X / max(||X||, eps), denom) for "cosine", (X, empty) for "dot"."""
+        if not cosine:
+            return X, X.new_empty(0)
+        denom = torch.linalg.vector_norm(X, dim=1).clamp_min(NORM_EPS)
+        return X / denom[:, None], denom
+
+    def reduce(self, row_loss: Tensor, lo: Tensor, hi: Tensor, perm: Optional[Tensor], spec: LossSpec):
+        """(output, n_valid): the mean over valid rows, or the "none" vector in the
+        queries' original order (``perm`` maps row -> query; None when rows are queries)."""
+        valid = hi > lo
+        val = torch.where(valid, row_loss, torch.zeros_like(row_loss))
+        n_valid = valid.sum().to(row_loss.dtype)
+        if spec.mean:
+            return val.sum() / n_valid.clamp(min=1), n_valid
+        if perm is None:
+            return val, n_valid
+        return torch.empty_like(val).index_copy_(0, perm, val), n_valid
+
+    @staticmethod
+    def row_weights(grad_out: Tensor, perm: Optional[Tensor], n_valid: Tensor, n: int, spec: LossSpec) -> Tensor:
+        """g_p = d output / d row_loss[p] times the upstream gradient, per row."""
+        if spec.mean:
+            return (grad_out / n_valid.clamp(min=1)).expand(n)
+        return grad_out if perm is None else grad_out.index_select(0, perm)
+
+    def symmetrize(self, G: Tensor, g: Tensor) -> Tensor:
+        """H = diag(g) G + (diag(g) G)^T: dL/dS of S = X X^T folded onto one factor."""
+        Gs = G * g[:, None].to(G.dtype)
+        return Gs + Gs.t()
+
+    def symmetric_grad(self, G: Tensor, grad_out: Tensor, prep: SquarePrep, n_valid: Tensor, spec: LossSpec) -> Tensor:
+        """H from the upstream gradient of the output: row weights, then :meth:`symmetrize`."""
+        g = self.row_weights(grad_out.to(G.dtype), prep.perm, n_valid, G.shape[0], spec)
+        return self.symmetrize(G, g)
+
+    def unprepare(
+        self, dX: Tensor, X: Tensor, denom: Tensor, perm: Optional[Tensor], cosine: bool, out_dtype: torch.dtype
+    ) -> Tensor:
+        """dL/dE from dL/dX: through the normalisation, back to the original row order
+        (``perm`` None: already in order), in E's dtype (float16 saturated to +-HALF_MAX)."""
+        if cosine:
+            d = denom[:, None]
+            radial = (X * dX).sum(dim=1, keepdim=True)
+            dX = torch.where(d > NORM_EPS, (dX - X * radial) / d, dX / d)
+        dE = dX if perm is None else torch.empty_like(dX).index_copy_(0, perm, dX)
+        if out_dtype == torch.float16:  # saturate: the cast must not make inf (clamp keeps NaN)
+            dE = dE.clamp(-HALF_MAX, HALF_MAX)
+        return dE.to(out_dtype)
+
+    # ---- square mode --------------------------------------------------------------------
+
+    def prepare(self, E: Tensor, labels: Tensor, spec: LossSpec) -> SquarePrep:
+        """Sort by label, give each row its class segment (empty for a class of one: such a
+        query has no positive besides itself), gather and normalise the embeddings."""
+        sorted_labels, perm = torch.sort(labels, stable=True)
+        lo = torch.searchsorted(sorted_labels, sorted_labels, side="left", out_int32=True)
+        hi = torch.searchsorted(sorted_labels, sorted_labels, side="right", out_int32=True)
+        hi = torch.where(hi - lo >= 2, hi, lo)
+        Xs, denom = self.normalize(E.index_select(0, perm).to(self.compute_dtype(E.dtype)), spec.cosine)
+        return SquarePrep(Xs, perm, lo, hi, denom)
+
+    def loss_forward(self, E: Tensor, labels: Tensor, spec: LossSpec, compute_grad: bool) -> ForwardResult:
+        """The whole square forward: (output, n_valid, SquarePrep, G or None)."""
+        prep = self.prepare(E, labels, spec)
+        S = torch.mm(prep.Xs, prep.Xs.t())
+        row_loss, G = self.row_losses_and_dS(S, prep.lo, prep.hi, spec, compute_grad)
+        del S  # at most two B x B buffers alive at once
+        out, n_valid = self.reduce(row_loss, prep.lo, prep.hi, prep.perm, spec)
+        return out, n_valid, prep, G
+
+    def loss_backward(
+        self, grad_out: Tensor, prep: SquarePrep, n_valid: Tensor, G: Tensor, spec: LossSpec, out_dtype: torch.dtype
+    ) -> Tensor:
+        """dL/dE of the square forward."""
+        H = self.symmetric_grad(G, grad_out, prep, n_valid, spec)
+        dXs = torch.mm(H, prep.Xs)
+        del H
+        return self.unprepare(dXs, prep.Xs, prep.denom, prep.perm, spec.cosine, out_dtype)
+
+    # ---- reference mode -----------------------------------------------------------------
+
+    def prepare_reference(
+        self, Eq: Tensor, yq: Tensor, Er: Tensor, yr: Tensor, query_ref_index: Optional[Tensor], spec: LossSpec
+    ) -> ReferencePrep:
+        """Sort the reference set by label; query i's positives are the sorted reference rows
+        [lo_i, hi_i), emptied when none is other than its own copy query_ref_index[i]."""
+        sorted_labels, perm_r = torch.sort(yr, stable=True)
+        lo = torch.searchsorted(sorted_labels, yq, side="left", out_int32=True)
+        hi = torch.searchsorted(sorted_labels, yq, side="right", out_int32=True)
+        count = hi - lo
+        if query_ref_index is not None:
+            M = yr.shape[0]
+            # sorted position of each original reference row
+            rank = torch.empty_like(perm_r).index_copy_(0, perm_r, torch.arange(M, device=perm_r.device))
+            own = (query_ref_index >= 0) & (query_ref_index < M)
+            pos = rank.index_select(0, query_ref_index.clamp(0, M - 1))
+            count = count - (own & (pos >= lo) & (pos < hi)).to(count.dtype)
+        hi = torch.where(count >= 1, hi, lo)
+        cdt = self.compute_dtype(Eq.dtype)
+        Xq, denom_q = self.normalize(Eq.to(cdt), spec.cosine)
+        Xr, denom_r = self.normalize(Er.index_select(0, perm_r).to(cdt), spec.cosine)
+        return ReferencePrep(Xq, denom_q, Xr, perm_r, denom_r, lo, hi)
+
+    def reference_forward(
+        self,
+        Eq: Tensor,
+        yq: Tensor,
+        Er: Tensor,
+        yr: Tensor,
+        query_ref_index: Optional[Tensor],
+        spec: LossSpec,
+        compute_grad: bool,
+    ) -> ForwardResult:
+        """The whole reference-mode forward: (output, n_valid, ReferencePrep, G or None)."""
+        prep = self.prepare_reference(Eq, yq, Er, yr, query_ref_index, spec)
+        S = torch.mm(prep.Xq, prep.Xr.t())
+        row_loss, G = self.row_losses_and_dS(S, prep.lo, prep.hi, spec, compute_grad)
+        del S
+        out, n_valid = self.reduce(row_loss, prep.lo, prep.hi, None, spec)
+        return out, n_valid, prep, G
+
+    def reference_backward(
+        self,
+        grad_out: Tensor,
+        prep: ReferencePrep,
+        n_valid: Tensor,
+        G: Tensor,
+        spec: LossSpec,
+        q_dtype: torch.dtype,
+        r_dtype: torch.dtype,
+        need_q: bool,
+        need_r: bool,
+    ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        """(dL/dEq, dL/dEr), each None when not needed."""
+        g = self.row_weights(grad_out.to(G.dtype), None, n_valid, G.shape[0], spec)
+        Gs = G * g[:, None]
+        dEq = dEr = None
+        if need_q:
+            dEq = self.unprepare(torch.mm(Gs, prep.Xr), prep.Xq, prep.denom_q, None, spec.cosine, q_dtype)
+        if need_r:
+            dEr = self.unprepare(torch.mm(Gs.t(), prep.Xq), prep.Xr, prep.denom_r, prep.perm_r, spec.cosine, r_dtype)
+        return dEq, dEr

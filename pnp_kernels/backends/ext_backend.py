@@ -1,0 +1,68 @@
+"""ext backend: the optional C++/CUDA extension (``csrc/``, built by ``ext_build``).
+
+Square mode is one C++ op each way (``loss_forward``/``loss_backward``: sort,
+segments, normalise, GEMM, row kernel, reduction; symmetrise, GEMM, un-normalise),
+so an eager step is two calls from Python, on CPU and CUDA tensors alike. Reference
+mode runs the C++ row kernel inside the default PyTorch stages of
+:class:`~.base.Backend`. Deterministic; no host-device synchronisation.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from ..spec import LossSpec, SquarePrep
+from . import ext_build
+from .base import Backend, ForwardResult
+
+__all__ = ["ExtBackend"]
+
+
+class ExtBackend(Backend):
+    """C++ (CPU) and CUDA kernels, float32 and float64; built on first use."""
+
+    name = "ext"
+    devices = ("cpu", "cuda")
+    compute_dtypes = (torch.float32, torch.float64)
+    sync_free = True
+    auto_devices = ()  # never picked by "auto": its first use runs a compiler
+
+    def why_unavailable(self) -> str:
+        return ext_build.why_unavailable()
+
+    def check_tensor(self, t: torch.Tensor, arg: str) -> None:
+        super().check_tensor(t, arg)
+        ext_build.ops()  # raises RuntimeError naming backend='ext' and why, when unavailable
+        if t.device.type == "cuda" and ext_build.cuda_status():
+            raise RuntimeError(
+                f"backend='ext' has no CUDA kernels in this process ({ext_build.cuda_status()}); "
+                "use backend='triton' or 'torch' for CUDA tensors"
+            )
+
+    def row_losses_and_dS(
+        self, S: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, spec: LossSpec, compute_grad: bool
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        if S.shape[1] > 0 and S.stride(1) != 1:
+            S = S.contiguous()
+        loss, G = ext_build.ops().rows_forward(
+            S, lo.contiguous(), hi.contiguous(), spec.kind, spec.variant.code, spec.anneal, spec.alpha, spec.b,
+            compute_grad,
+        )
+        return loss, (G if compute_grad else None)
+
+    def symmetrize(self, G: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        if G.shape[1] > 0 and G.stride(1) != 1:
+            G = G.contiguous()
+        return ext_build.ops().symmetric_grad(G, g.to(device=G.device, dtype=G.dtype).contiguous())
+
+    def loss_forward(self, E: torch.Tensor, labels: torch.Tensor, spec: LossSpec, compute_grad: bool) -> ForwardResult:
+        out, n_valid, Xs, perm, lo, hi, denom, G = ext_build.ops().loss_forward(
+            E, labels, spec.kind, spec.variant.code, spec.anneal, spec.alpha, spec.b, spec.cosine, spec.mean,
+            compute_grad,
+        )
+        return out, n_valid, SquarePrep(Xs, perm, lo, hi, denom), (G if compute_grad else None)
+
+    def loss_backward(self, grad_out, prep: SquarePrep, n_valid, G, spec: LossSpec, out_dtype) -> torch.Tensor:
+        return ext_build.ops().loss_backward(grad_out, n_valid, *prep, G, spec.cosine, spec.mean, out_dtype)

@@ -1,0 +1,176 @@
+"""examples/train_digits.py: its metrics against pytorch-metric-learning's, its sampler,
+a short in-process run and a 2-process torchrun run (same curves as one process)."""
+import csv
+import inspect
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import pnp_kernels
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "examples"))
+import train_digits as td  # noqa: E402
+
+TINY = ["--epochs", "1", "--max-batches", "3", "--backend", "torch", "--no-progress"]
+
+
+def _need_example_extras():
+    for module in ("sklearn", "tqdm", "matplotlib"):
+        pytest.importorskip(module)
+
+
+def _read(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _check_outputs(out, losses, epochs):
+    rows = _read(out / "metrics.csv")
+    assert (out / "curves.png").stat().st_size > 0
+    assert [(r["loss_name"], int(r["epoch"])) for r in rows] == [(n, e) for n in losses for e in range(epochs + 1)]
+    for r in rows:
+        assert 0.0 <= float(r["map_at_r"]) <= 1.0 and 0.0 <= float(r["recall_at_1"]) <= 1.0
+        if int(r["epoch"]) > 0:
+            assert float(r["epoch_seconds"]) >= float(r["loss_seconds"]) > 0.0
+            assert math.isfinite(float(r["train_loss"]))
+    return rows
+
+
+# ----------------------------------------------------------------------------- metrics
+def _on_circle(degrees):
+    t = torch.tensor(degrees, dtype=torch.float64) * math.pi / 180
+    return torch.stack([t.cos(), t.sin()], dim=1)
+
+
+# class 0 at 0, 12, 40 degrees, class 1 at 21, 63, 95, and a lone class-2 sample at 180.
+# Nearest others (angular distance) and AP over the R = 2 nearest:
+#   a0: a1 b0 -> 1/2      a1: b0 a0 -> (1/2)/2     a2: b0 b1 -> 0
+#   b0: a1 a2 -> 0        b1: a2 b2 -> (1/2)/2     b2: b1 a2 -> 1/2
+# MAP@R = (0.5 + 0.25 + 0 + 0 + 0.25 + 0.5) / 6 = 0.25; R@1 = 2/6 (a0 and b2);
+# the lone query is skipped by both.
+HAND_EMB = _on_circle([0, 12, 40, 21, 63, 95, 180])
+HAND_LABELS = torch.tensor([0, 0, 0, 1, 1, 1, 2])
+
+
+def test_metrics_by_hand():
+    assert td.map_at_r(HAND_EMB, HAND_LABELS) == pytest.approx(0.25, abs=1e-12)
+    assert td.recall_at_1(HAND_EMB, HAND_LABELS) == pytest.approx(1 / 3, abs=1e-12)
+    # scale does not matter (cosine), and a perfect embedding scores 1
+    assert td.map_at_r(5 * HAND_EMB, HAND_LABELS) == pytest.approx(0.25, abs=1e-12)
+    perfect = _on_circle([0, 1, 2, 120, 121, 122, 240])
+    assert td.map_at_r(perfect, HAND_LABELS) == 1.0 and td.recall_at_1(perfect, HAND_LABELS) == 1.0
+
+
+def _pml_metrics(emb, labels):
+    acc = pytest.importorskip("pytorch_metric_learning.utils.accuracy_calculator")
+    from pytorch_metric_learning.distances import CosineSimilarity
+    from pytorch_metric_learning.utils.inference import CustomKNN
+
+    calc = acc.AccuracyCalculator(include=("mean_average_precision_at_r", "precision_at_1"),
+                                  device=torch.device("cpu"), knn_func=CustomKNN(CosineSimilarity()),
+                                  kmeans_func=lambda *a: None)
+    got = calc.get_accuracy(emb.float(), labels, emb.float(), labels, ref_includes_query=True)
+    return got["mean_average_precision_at_r"], got["precision_at_1"]
+
+
+def test_metrics_match_pytorch_metric_learning():
+    assert _pml_metrics(HAND_EMB, HAND_LABELS) == pytest.approx((0.25, 1 / 3), abs=1e-6)
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        labels = torch.randint(0, 5, (80,), generator=g)
+        emb = torch.randn(80, 6, generator=g) + 0.8 * torch.nn.functional.one_hot(labels, 6).float()
+        ours = (td.map_at_r(emb, labels), td.recall_at_1(emb, labels))
+        assert ours == pytest.approx(_pml_metrics(emb, labels), abs=1e-6)  # PML rounds to float32
+
+
+# ----------------------------------------------------------------------------- sampler
+def test_sampler_batches_are_m_per_class_and_reproducible():
+    labels = torch.arange(5).repeat_interleave(torch.tensor([30, 31, 30, 33, 30]))
+    a = list(td.MPerClassBatches(labels, 20, 5, num_batches=7, seed=3))
+    b = list(td.MPerClassBatches(labels, 20, 5, num_batches=7, seed=3))
+    c = list(td.MPerClassBatches(labels, 20, 5, num_batches=7, seed=4))
+    assert len(a) == 7 and all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c))
+    for batch in a:
+        assert len(batch) == 20 and len(batch.unique()) == 20
+        assert sorted(torch.bincount(labels[batch], minlength=5).tolist()) == [0, 5, 5, 5, 5]
+    # one pass of 154 // 25 = 6 batches of 5 x 5 draws every class without repeats
+    full = torch.cat(list(td.MPerClassBatches(labels, 25, 5, num_batches=6, seed=0)))
+    assert len(full.unique()) == 150
+
+
+# ----------------------------------------------------------------------------- runs
+def test_smoke_run(tmp_path):
+    _need_example_extras()
+    pytest.importorskip("pytorch_metric_learning")
+    losses = ["pnp", "pml-pnp"]
+    if hasattr(pnp_kernels, "smooth_ap_loss"):
+        losses.append("smooth-ap")
+    assert td.main(["--loss", *losses, "--out", str(tmp_path), *TINY]) == 0
+    rows = _check_outputs(tmp_path, losses, 1)
+    by = {(r["loss_name"], r["epoch"]): r for r in rows}
+    # same seed: same initial weights, same batches -> same untrained metrics; pml-pnp = pnp up to rounding
+    assert by["pnp", "0"]["map_at_r"] == by["pml-pnp", "0"]["map_at_r"]
+    assert float(by["pnp", "1"]["map_at_r"]) == pytest.approx(float(by["pml-pnp", "1"]["map_at_r"]), abs=1e-4)
+    assert float(by["pnp", "1"]["train_loss"]) == pytest.approx(float(by["pml-pnp", "1"]["train_loss"]), rel=1e-4)
+    if "smooth-ap" not in losses:
+        pytest.skip("pnp_kernels has no smooth_ap_loss yet: smooth-ap part not run")
+
+
+def test_smooth_ap_square_batches_and_memory(tmp_path):
+    _need_example_extras()
+    pytest.importorskip("pytorch_metric_learning")
+    if not (hasattr(pnp_kernels, "SmoothAPLoss") and hasattr(pnp_kernels, "CrossBatchMemory")):
+        pytest.skip("pnp_kernels has no SmoothAPLoss / CrossBatchMemory yet")
+    square = ["--batch-size", "25", "--m-per-class", "5"]
+    assert td.main(["--loss", "smooth-ap", "pml-smooth-ap", *square, "--out", str(tmp_path / "s"), *TINY]) == 0
+    rows = _check_outputs(tmp_path / "s", ["smooth-ap", "pml-smooth-ap"], 1)
+    assert float(rows[1]["train_loss"]) == pytest.approx(float(rows[3]["train_loss"]), rel=1e-4)
+    assert td.main(["--loss", "pnp", "--memory-size", "60", "--out", str(tmp_path / "m"), *TINY]) == 0
+    assert _check_outputs(tmp_path / "m", ["pnp"], 1)[1]["memory_size"] == "60"
+
+
+def test_bad_options_exit_with_a_message():
+    pytest.importorskip("sklearn")
+    for argv, words in ((["--loss", "pml-smooth-ap"], "--batch-size 25 --m-per-class 5"),
+                        (["--batch-size", "60", "--m-per-class", "10"], "6 classes"),
+                        (["--batch-size", "42", "--m-per-class", "8"], "multiple")):
+        with pytest.raises(SystemExit, match=words):
+            td.main(argv + ["--out", "unused"])
+
+
+def test_torchrun_two_processes_match_one(tmp_path):
+    _need_example_extras()
+    if "distributed" not in inspect.signature(pnp_kernels.pnp_loss).parameters:
+        pytest.skip("pnp_kernels.pnp_loss has no distributed mode yet")
+    options = ["--loss", "pnp", "smooth-ap", "--memory-size", "80", *TINY]
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "examples" / "train_digits.py"), "--distributed", *options, "--out", str(tmp_path / "ddp")]
+    # own session, so that a hang kills torchrun and both workers, never leaves them behind
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"torchrun run hung (killed after 120 s):\n{output[-4000:]}")
+    assert proc.returncode == 0, output[-4000:]
+    ddp = _check_outputs(tmp_path / "ddp", ["pnp", "smooth-ap"], 1)
+    assert {r["world_size"] for r in ddp} == {"2"}
+    assert td.main([*options, "--out", str(tmp_path / "one")]) == 0
+    one = _read(tmp_path / "one" / "metrics.csv")
+    for a, b in zip(ddp, one):
+        assert (a["loss_name"], a["epoch"]) == (b["loss_name"], b["epoch"])
+        for key in ("map_at_r", "recall_at_1"):
+            assert float(a[key]) == pytest.approx(float(b[key]), abs=1e-4), (a, b)
+        if a["train_loss"]:
+            assert float(a["train_loss"]) == pytest.approx(float(b["train_loss"]), rel=1e-4)

@@ -13,7 +13,8 @@ Must run without TRITON_INTERPRET (it re-executes itself without it).
 
 When nvcc is on PATH (or in $CUDA_HOME/bin), it also compiles csrc/pnp_cuda.cu (the
 ext backend's CUDA kernels) to an object file for each target with ``-Xptxas -v``
-and prints registers and spills per kernel. A CPU-only torch wheel lacks one
+and the language standard torch compiles its extensions with, and prints registers
+and spills per kernel. A CPU-only torch wheel lacks one
 generated header (c10/cuda/impl/cuda_cmake_macros.h); a one-line stand-in is put on
 the include path for this compile-only check (nothing is linked or loaded).
 """

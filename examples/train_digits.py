@@ -52,7 +52,8 @@ def require(module: str):
         return importlib.import_module(module)
     except ImportError as exc:
         raise SystemExit(f"train_digits.py needs {module.split('.')[0]!r} ({exc}); install the examples extra: "
-                         "pip install -e '.[examples]' (scikit-learn, tqdm, matplotlib, pytorch-metric-learning)")
+                         "pip install -e '.[examples]' (scikit-learn, tqdm, matplotlib, pytorch-metric-learning)"
+                         ) from exc
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -70,10 +71,10 @@ def map_at_r(embeddings: torch.Tensor, labels: torch.Tensor) -> float:
     query's class, the query excluded; queries alone in their class are skipped (as PML does)."""
     match = _neighbour_matches(embeddings, labels)
     r = match.sum(dim=1)
-    k = torch.arange(1, match.shape[1] + 1, device=match.device)
+    k = torch.arange(1, match.shape[1] + 1, device=match.device, dtype=torch.float64)
     rel = match & (k <= r[:, None])
     ap = (rel.cumsum(dim=1) / k * rel).sum(dim=1) / r.clamp(min=1)
-    return ap[r > 0].double().mean().item()
+    return ap[r > 0].mean().item()
 
 
 def recall_at_1(embeddings: torch.Tensor, labels: torch.Tensor) -> float:
@@ -264,14 +265,14 @@ def plot_curves(rows: list, path: Path) -> None:
 
 
 def summary(name: str, run: list) -> str:
-    """The final line of a run: last and untrained metrics, mean epoch and loss time."""
-    trained = run[1:]
-    n = max(len(trained), 1)
-    epoch_s = sum(r["epoch_seconds"] for r in trained) / n
-    loss_s = sum(r["loss_seconds"] for r in trained) / n
+    """The final line of a run: last and untrained metrics, median epoch and loss time."""
+    def median(key):
+        values = sorted(r[key] for r in run[1:]) or [0.0]
+        return (values[(len(values) - 1) // 2] + values[len(values) // 2]) / 2
+
     return (f"{name}: MAP@R {run[-1]['map_at_r']:.3f} R@1 {run[-1]['recall_at_1']:.3f} "
             f"(epoch 0: MAP@R {run[0]['map_at_r']:.3f} R@1 {run[0]['recall_at_1']:.3f}; "
-            f"{epoch_s:.2f} s/epoch, loss {loss_s:.3f} s/epoch)")
+            f"median {median('epoch_seconds'):.3f} s/epoch, loss {median('loss_seconds'):.3f} s/epoch)")
 
 
 # ----------------------------------------------------------------------------- entry point

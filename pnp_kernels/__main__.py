@@ -1,7 +1,9 @@
 """``python -m pnp_kernels``: a short self-check and timing on the available device.
 
-Every available backend runs the same random batch; its loss and gradient are
-compared with the float64 B^3 reference, and its forward+backward is timed.
+Prints one line per backend (available, or the first line of why not and, for the
+C++ extension, the path of its full build log). Then every available backend runs
+the same random batch; its loss and gradient are compared with the float64
+brute-force reference, and its forward+backward is timed.
 """
 from __future__ import annotations
 
@@ -12,8 +14,8 @@ import time
 
 import torch
 
-from . import __version__, backend_status, pnp_loss
-from .reference import pnp_loss_reference
+from . import __version__, backend_status, pnp_loss, smooth_ap_loss
+from .reference import pnp_loss_reference, smooth_ap_loss_reference
 
 
 def _time_ms(fn, device, repeats):
@@ -37,11 +39,18 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=128, help="batch size B (default 128)")
     ap.add_argument("--dim", type=int, default=64, help="embedding dimension D (default 64)")
     ap.add_argument("--per-class", type=int, default=4, help="samples per class (default 4)")
-    ap.add_argument("--variant", default="Dq")
+    ap.add_argument("--loss", choices=("pnp", "smooth-ap"), default="pnp", help="the loss (default pnp)")
+    ap.add_argument("--variant", default="Dq", help="PNP variant (default Dq)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeats", type=int, default=10)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
+    if args.loss == "pnp":
+        ours = lambda x, y, **k: pnp_loss(x, y, variant=args.variant, **k)  # noqa: E731
+        oracle = lambda x, y: pnp_loss_reference(x, y, variant=args.variant)  # noqa: E731
+        what = f"PNP variant {args.variant}"
+    else:
+        ours, oracle, what = smooth_ap_loss, smooth_ap_loss_reference, "Smooth-AP"
     status = backend_status()
     print(f"pnp_kernels {__version__}, torch {torch.__version__}, device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
@@ -53,7 +62,7 @@ def main(argv=None) -> int:
     E = torch.randn(B, D, generator=gen).to(device)
     y = (torch.arange(B) // args.per_class)[torch.randperm(B, generator=gen)].to(device)
     E64 = E.double().requires_grad_()
-    ref = pnp_loss_reference(E64, y, variant=args.variant)
+    ref = oracle(E64, y)
     g_ref, = torch.autograd.grad(ref, E64)
 
     rows, ok = [], True
@@ -63,7 +72,7 @@ def main(argv=None) -> int:
         if name == "triton" and device.type != "cuda":
             continue  # the interpreter is for tests, not timing
         Ei = E.clone().requires_grad_()
-        loss = pnp_loss(Ei, y, variant=args.variant, backend=name)
+        loss = ours(Ei, y, backend=name)
         g, = torch.autograd.grad(loss, Ei)
         loss_err = abs(loss.item() - ref.item()) / max(abs(ref.item()), 1e-30)
         grad_err = ((g.double() - g_ref).norm() / g_ref.norm().clamp_min(1e-30)).item()
@@ -71,7 +80,7 @@ def main(argv=None) -> int:
         ok &= bool(good)
 
         def step():
-            pnp_loss(Ei, y, variant=args.variant, backend=name).backward()
+            ours(Ei, y, backend=name).backward()
             Ei.grad = None
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -86,9 +95,9 @@ def main(argv=None) -> int:
         ms = _time_ms(step, device, args.repeats)
         rows.append((name, loss.item(), loss_err, grad_err, ms, mem, "ok" if good else "MISMATCH"))
 
-    ref_ms = _time_ms(lambda: pnp_loss_reference(E.clone().requires_grad_(), y, variant=args.variant).backward(),
+    ref_ms = _time_ms(lambda: oracle(E.clone().requires_grad_(), y).backward(),
                       device, max(1, args.repeats // 2))
-    print(f"\nB={B}, D={D}, {args.per_class} per class, variant {args.variant}; "
+    print(f"\nB={B}, D={D}, {args.per_class} per class, {what}; "
           f"float64 reference loss {ref.item():.8f}; float32 reference fwd+bwd {ref_ms:.2f} ms")
     print("| backend | loss | loss rel err | grad rel err | fwd+bwd ms (median) | memory | check |")
     print("|---|---|---|---|---|---|---|")

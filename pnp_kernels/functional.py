@@ -30,7 +30,7 @@ def check_positive(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymFloat, torch.SymInt)):
         raise TypeError(f"{name}: expected a positive real number, got {type(value).__name__}")
     # Comparisons only (no math.isfinite), so symbolic floats under torch.compile(dynamic=True) pass.
-    if not (value > 0) or value == math.inf:  # `not (x > 0)` also rejects NaN
+    if not (value > 0) or value == math.inf:  # type: ignore[operator]  # `not (x > 0)` also rejects NaN
         raise ValueError(f"{name}: must be a finite number > 0, got {value}")
     return float(value)
 
@@ -166,7 +166,7 @@ def compute_loss(
         if dist_mode.world_size(process_group) > 1:
             return dist_mode.distributed_loss(embeddings, labels, ref_emb, ref_labels, spec, impl.name,
                                               process_group)
-    if ref_emb is None:
+    if ref_emb is None or ref_labels is None:
         return apply_square(embeddings, labels, spec, impl.name, grad and embeddings.requires_grad)
     return apply_reference(embeddings, labels, ref_emb, ref_labels, query_ref_index, spec, impl.name,
                            grad and embeddings.requires_grad, grad and ref_emb.requires_grad)

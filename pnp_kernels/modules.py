@@ -116,6 +116,11 @@ class CrossBatchMemory(nn.Module):
         memory_size: rows kept (>= 1).
     """
 
+    loss: nn.Module
+    embedding_memory: Tensor
+    label_memory: Tensor
+    ring_state: Tensor
+
     def __init__(self, loss: nn.Module, embedding_size: int, memory_size: int):
         super().__init__()
         for name, v in (("embedding_size", embedding_size), ("memory_size", memory_size)):

@@ -16,7 +16,7 @@ import pnp_kernels
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))
-import train_digits as td  # noqa: E402
+import train_digits as td
 
 TINY = ["--epochs", "1", "--max-batches", "3", "--backend", "torch", "--no-progress"]
 
@@ -87,7 +87,7 @@ def test_metrics_match_pytorch_metric_learning():
         labels = torch.randint(0, 5, (80,), generator=g)
         emb = torch.randn(80, 6, generator=g) + 0.8 * torch.nn.functional.one_hot(labels, 6).float()
         ours = (td.map_at_r(emb, labels), td.recall_at_1(emb, labels))
-        assert ours == pytest.approx(_pml_metrics(emb, labels), abs=1e-6)  # PML rounds to float32
+        assert ours == pytest.approx(_pml_metrics(emb, labels), abs=1e-12)
 
 
 # ----------------------------------------------------------------------------- sampler
@@ -137,13 +137,19 @@ def test_smooth_ap_square_batches_and_memory(tmp_path):
     assert _check_outputs(tmp_path / "m", ["pnp"], 1)[1]["memory_size"] == "60"
 
 
-def test_bad_options_exit_with_a_message():
+def test_bad_options_exit_with_a_message(monkeypatch):
     pytest.importorskip("sklearn")
     for argv, words in ((["--loss", "pml-smooth-ap"], "--batch-size 25 --m-per-class 5"),
                         (["--batch-size", "60", "--m-per-class", "10"], "6 classes"),
                         (["--batch-size", "42", "--m-per-class", "8"], "multiple")):
         with pytest.raises(SystemExit, match=words):
             td.main(argv + ["--out", "unused"])
+    # refused before torch.distributed is initialised (as under torchrun: RANK and WORLD_SIZE set)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match="pml-pnp not supported"):
+        td.main(["--distributed", "--loss", "pnp", "pml-pnp", "--out", "unused"])
+    assert not torch.distributed.is_initialized()
 
 
 def test_torchrun_two_processes_match_one(tmp_path):

@@ -7,7 +7,7 @@ subclass; its module is imported on first use and the instance is cached.
 from __future__ import annotations
 
 import importlib
-from typing import Dict, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 import torch as _torch
 
@@ -52,10 +52,10 @@ def _status(name: str) -> Tuple[bool, str]:
     return _STATUS[name]
 
 
-def backend_status() -> Dict[str, Dict[str, object]]:
+def backend_status() -> Dict[str, Dict[str, Any]]:
     """Each backend's availability in this process and, when unavailable, a one-line
     reason (for ext, with the path of the full build log)."""
-    out: Dict[str, Dict[str, object]] = {}
+    out: Dict[str, Dict[str, Any]] = {}
     for name in BACKEND_NAMES:
         ok, reason = _status(name)
         out[name] = {"available": ok, "reason": reason or "ok"}

@@ -153,7 +153,8 @@ def torch_std_flag() -> str:
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "build.ninja")
             ce._write_ninja_file_to_build_library(
-                path, "probe", [os.path.join(tmp, "probe.cpp")], [], [], [], [], [], False, False, False)
+                path, "probe", [os.path.join(tmp, "probe.cpp")], [], [], [], [], [], False, False, False
+            )
             m = _std_in(Path(path).read_text(), "cflags")
             if m:
                 return m
@@ -285,9 +286,14 @@ def _build(src: Path, with_cuda: bool) -> dict:
     ninja = build_dir / "build.ninja"
     ninja_text = ninja.read_text() if ninja.is_file() else ""
     std, cuda_std = _std_in(ninja_text, "cflags"), _std_in(ninja_text, "cuda_cflags")
-    _write_log(log_path, header + [f"language standard (from torch): C++ {std or '?'}"
-                                   + (f", CUDA {cuda_std or '?'}" if with_cuda else ""),
-                                   f"ok in {time.perf_counter() - t0:.1f} s"])
+    _write_log(
+        log_path,
+        header
+        + [
+            f"language standard (from torch): C++ {std or '?'}" + (f", CUDA {cuda_std or '?'}" if with_cuda else ""),
+            f"ok in {time.perf_counter() - t0:.1f} s",
+        ],
+    )
     return {"build_dir": str(build_dir), "log_path": str(log_path), "std": std, "cuda_std": cuda_std}
 
 
@@ -319,9 +325,19 @@ def _ensure() -> dict:
         if _state is not None:
             return _state
         src = source_dir()
-        st = {"ok": False, "reason": "", "cuda": False, "cuda_reason": "", "build_dir": None, "log_path": None,
-              "cuda_log_path": None, "source_dir": str(src) if src else None, "build_s": 0.0, "std": "",
-              "cuda_std": ""}
+        st = {
+            "ok": False,
+            "reason": "",
+            "cuda": False,
+            "cuda_reason": "",
+            "build_dir": None,
+            "log_path": None,
+            "cuda_log_path": None,
+            "source_dir": str(src) if src else None,
+            "build_s": 0.0,
+            "std": "",
+            "cuda_std": "",
+        }
         reason = _quick_reason(src)
         if reason:
             st["reason"] = reason
@@ -359,13 +375,13 @@ def is_available() -> bool:
 
 
 def why_unavailable() -> str:
-    """"" when available; otherwise the first line of why not plus the full build log's path."""
+    """Empty when available; otherwise the first line of why not plus the full build log's path."""
     st = _ensure()
     return "" if st["ok"] else _with_log(st["reason"], st["log_path"])
 
 
 def cuda_status() -> str:
-    """"" when the CUDA kernels are built in; otherwise why not."""
+    """Empty when the CUDA kernels are built in; otherwise why not."""
     st = _ensure()
     if not st["ok"]:
         return why_unavailable()
@@ -405,7 +421,8 @@ def _selfcheck() -> int:  # pragma: no cover - manual / GPU-machine tool
     st = build_info()
     print(f"ext build: ok={st['ok']} cuda={st['cuda']} in {time.perf_counter() - t0:.1f} s")
     print(f"  sources: {st['source_dir']}\n  build dir: {st['build_dir']}\n  build log: {st['log_path']}")
-    print(f"  language standard from torch: C++ {st['std'] or '?'}" + (f", CUDA {st['cuda_std']}" if st["cuda"] else ""))
+    stds = f"C++ {st['std'] or '?'}" + (f", CUDA {st['cuda_std']}" if st["cuda"] else "")
+    print(f"  language standard (torch's choice): {stds}")
     if not st["ok"]:
         print(f"  reason: {why_unavailable()}")
         return 1
@@ -442,18 +459,24 @@ def _selfcheck() -> int:  # pragma: no cover - manual / GPU-machine tool
                         l, G = o.rows_forward(S, *args)
                         l2, G2 = o.rows_forward(S, *args)
                         det = torch.equal(l, l2) and torch.equal(G, G2)
-                        errs = [float((a.double().cpu() - r).norm() / r.norm().clamp_min(1e-300))
-                                for a, r in ((l, ref_l.detach()), (G, ref_G))]
+                        errs = [
+                            float((a.double().cpu() - r).norm() / r.norm().clamp_min(1e-300))
+                            for a, r in ((l, ref_l.detach()), (G, ref_G))
+                        ]
                         tol = 1e-5 if dtype == torch.float32 else 1e-10
                         finite = bool(torch.isfinite(l).all() and torch.isfinite(G).all())
                         worst[dtype] = max(worst[dtype], *errs)
                         if not (det and finite and max(errs) <= tol):
                             failures += 1
-                            print(f"  FAIL {dev} {dtype} {tuple(S64.shape)} {kind_name} {v.name}: rel err "
-                                  f"loss/dS {errs[0]:.2e}/{errs[1]:.2e} deterministic={det} finite={finite}")
+                            print(
+                                f"  FAIL {dev} {dtype} {tuple(S64.shape)} {kind_name} {v.name}: rel err "
+                                f"loss/dS {errs[0]:.2e}/{errs[1]:.2e} deterministic={det} finite={finite}"
+                            )
         print(f"  {dev}: rows_forward vs reference done")
-    print(f"worst relative error: float32 {worst[torch.float32]:.2e}, float64 {worst[torch.float64]:.2e}; "
-          f"failures: {failures}")
+    print(
+        f"worst relative error: float32 {worst[torch.float32]:.2e}, float64 {worst[torch.float64]:.2e}; "
+        f"failures: {failures}"
+    )
     print("OK" if failures == 0 else "FAILED")
     return 0 if failures == 0 else 1
 

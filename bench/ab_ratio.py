@@ -39,9 +39,10 @@ import platform
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch  # noqa: E402
+
 import harness  # noqa: E402
 import providers  # noqa: E402
-import torch  # noqa: E402
 
 _KEYS = {"B", "D", "P", "M", "rounds"}
 
@@ -128,7 +129,10 @@ def main(argv=None) -> int:
     ap.add_argument("--sorted-labels", action="store_true", help="class-sorted labels instead of shuffled")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--compile-max-B", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if len(args.providers) < 2:
         ap.error("--providers: give at least two (the first is the baseline)")
     try:

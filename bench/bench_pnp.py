@@ -51,10 +51,11 @@ import sys
 import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import harness  # noqa: E402  (unsets TRITON_INTERPRET before torch/triton load)
+import torch  # noqa: E402
+
+import harness  # noqa: E402  (unsets TRITON_INTERPRET before pnp_kernels loads triton)
 import providers  # noqa: E402
 import report  # noqa: E402
-import torch  # noqa: E402
 
 SQUARE_PNP = ["gemm-floor", "reference", "reference-compiled", "pml", "torch", "triton", "ext"]
 
@@ -231,7 +232,8 @@ def main(argv=None) -> list:
                         if m.get("status") == "ok":
                             r["peak_mib"] = m["peak_bytes"] / 2**20
                         else:
-                            r["note"] = (r.get("note", "") + f" memory run: {m.get('status')} {m.get('note', '')}").strip()
+                            note = f" memory run: {m.get('status')} {m.get('note', '')}"
+                            r["note"] = (r.get("note", "") + note).strip()
                     if r["status"] == "OOM":
                         oom_at[key] = B
                 rows.append(r)

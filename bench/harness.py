@@ -427,7 +427,8 @@ def run_worker(cmd: List[str], mem: bool, mem_limit_gb: Optional[float], timeout
             break
     load = best.get("other_load", -1.0)
     if not mem and load > 0.15:
-        best["note"] = (best.get("note", "") + f"; other processes used {load:.0%} of the CPUs while timing").strip("; ")
+        note = f"; other processes used {load:.0%} of the CPUs while timing"
+        best["note"] = (best.get("note", "") + note).strip("; ")
     return best
 
 

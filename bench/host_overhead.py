@@ -34,8 +34,9 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import harness  # noqa: E402  (puts the repository root on sys.path)
 import torch  # noqa: E402
+
+import harness  # noqa: E402  (puts the repository root on sys.path)
 
 
 def load_old(path: str, name: str = "pnp_kernels_old"):

@@ -21,9 +21,10 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import harness  # noqa: E402  (unsets TRITON_INTERPRET before torch/triton load)
-import providers  # noqa: E402
 import torch  # noqa: E402
+
+import harness  # noqa: E402  (unsets TRITON_INTERPRET before pnp_kernels loads triton)
+import providers  # noqa: E402
 
 pytest.importorskip("pytest_benchmark")
 

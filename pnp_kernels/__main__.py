@@ -50,7 +50,9 @@ def main(argv=None) -> int:
         oracle = lambda x, y: pnp_loss_reference(x, y, variant=args.variant)  # noqa: E731
         what = f"PNP variant {args.variant}"
     else:
-        ours, oracle, what = smooth_ap_loss, smooth_ap_loss_reference, "Smooth-AP"
+        ours = lambda x, y, **k: smooth_ap_loss(x, y, **k)  # noqa: E731
+        oracle = lambda x, y: smooth_ap_loss_reference(x, y)  # noqa: E731
+        what = "Smooth-AP"
     status = backend_status()
     print(f"pnp_kernels {__version__}, torch {torch.__version__}, device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))

@@ -64,7 +64,7 @@ class LossSpec:
 
     @staticmethod
     def from_flat(kind: int, variant_code: int, anneal: float, alpha: float, b: float, cosine: bool,
-                  mean: bool) -> "LossSpec":
+                  mean: bool) -> LossSpec:
         return LossSpec(int(kind), variant_by_code(variant_code), float(anneal), float(alpha), float(b),
                         bool(cosine), bool(mean))
 

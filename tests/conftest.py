@@ -8,6 +8,7 @@ PNP_KERNELS_REQUIRE_BACKENDS (comma-separated names, CI sets "torch,ext,triton")
 a listed backend that is unavailable FAILS the tests that need it instead of
 skipping them, so a backend that does not build cannot hide behind a skip.
 """
+
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -18,18 +19,23 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import pnp_kernels  # noqa: E402
-from pnp_kernels.reference import pnp_loss_reference  # noqa: E402
-
 from pnp_kernels.backends import BACKEND_NAMES  # noqa: E402
+from pnp_kernels.reference import pnp_loss_reference  # noqa: E402
 from pnp_kernels.spec import SIMILARITIES  # noqa: E402, F401
 from pnp_kernels.variants import VARIANTS as VARIANT_TABLE  # noqa: E402
 
 VARIANTS = tuple(VARIANT_TABLE)
 ALL_BACKENDS = ("torch", "triton", "ext")
 assert set(ALL_BACKENDS) == set(BACKEND_NAMES)
-REQUIRED_BACKENDS = tuple(
-    b.strip() for b in os.environ.get("PNP_KERNELS_REQUIRE_BACKENDS", "").split(",") if b.strip()
-)
+REQUIRED_BACKENDS = tuple(b.strip() for b in os.environ.get("PNP_KERNELS_REQUIRE_BACKENDS", "").split(",") if b.strip())
+
+TOL32 = 1e-5  # float32 inputs against the float64 reference: norm-wise relative error
+# unit roundoff of each half format: one correct rounding of a result costs at most this (relative)
+UNIT_ROUNDOFF = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+# torch.autograd.gradcheck settings of the float64 gradchecks (anneal ~0.1 keeps finite differences informative)
+GRADCHECK_TOLS = dict(eps=1e-6, atol=1e-7, rtol=1e-5)
+# batch shape (B, D) per backend: the Triton interpreter is slow, so Triton stays small
+BATCH_SHAPES = {"torch": (40, 16), "triton": (24, 8), "ext": (40, 16)}
 
 # Label patterns, each given as class sizes (a size-1 class is a singleton) plus
 # whether the batch is class-sorted. Labels of unsorted patterns are arbitrary
@@ -39,6 +45,19 @@ PATTERNS = ("grouped", "unsorted", "unequal", "singletons", "one_class", "all_di
 
 def make_generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+def device_for(backend: str) -> str:
+    """The device a backend's tests run on: CUDA for the Triton and ext backends where there is one."""
+    return "cuda" if backend in ("triton", "ext") and torch.cuda.is_available() else "cpu"
+
+
+def batch_shape(backend: str, pattern: str = "unsorted"):
+    """(B, D) of a backend's parity batch; the Triton one-class batch is smaller still."""
+    B, D = BATCH_SHAPES[backend]
+    if backend == "triton" and pattern == "one_class":
+        B = 20  # one class of 20: two positive chunks per row, 20 rows; keeps the interpreter quick
+    return B, D
 
 
 def class_sizes(pattern: str, B: int):
@@ -95,6 +114,28 @@ def make_labels(pattern: str, B: int, gen: torch.Generator) -> torch.Tensor:
     return labels[torch.randperm(B, generator=gen)]
 
 
+def cyclic_labels(B: int, n_classes: int, gen: torch.Generator, step: int, offset: int) -> torch.Tensor:
+    """Unsorted labels of n_classes nearly equal classes: randperm(B) % n_classes, mapped to the
+    arbitrary ids step * c + offset (negative values and gaps with the steps and offsets used)."""
+    return (torch.randperm(B, generator=gen) % n_classes) * step + offset
+
+
+def valid_queries(labels: torch.Tensor) -> torch.Tensor:
+    """Bool mask of the queries whose class has another member (the rest are dropped from the mean)."""
+    return torch.tensor([bool((labels == l).sum() >= 2) for l in labels], dtype=torch.bool)
+
+
+def make_linear(D_in: int, D: int, gen: torch.Generator, bias: bool = True) -> torch.nn.Linear:
+    """nn.Linear(D_in, D) with weights drawn from gen (scaled 1/sqrt(D_in)) and, if bias, a small
+    bias drawn from gen after them; with bias False the bias keeps torch's default init."""
+    lin = torch.nn.Linear(D_in, D)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(D, D_in, generator=gen) / D_in**0.5)
+        if bias:
+            lin.bias.copy_(torch.randn(D, generator=gen) * 0.1)
+    return lin
+
+
 def make_embeddings(B: int, D: int, similarity: str, gen: torch.Generator, dtype=torch.float32) -> torch.Tensor:
     """Random (never zero) embeddings; for "dot", scaled so similarities are O(1)."""
     E = torch.randn(B, D, generator=gen, dtype=torch.float64)
@@ -104,9 +145,9 @@ def make_embeddings(B: int, D: int, similarity: str, gen: torch.Generator, dtype
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Norm-wise relative error ||a - b|| / ||b||, computed in float64."""
-    a = a.detach().to(torch.float64)
-    b = b.detach().to(torch.float64)
+    """Norm-wise relative error ||a - b|| / ||b||, computed in float64 on the CPU."""
+    a = a.detach().cpu().to(torch.float64)
+    b = b.detach().cpu().to(torch.float64)
     return (torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b)).item()
 
 
@@ -131,26 +172,41 @@ def loss_and_grad(fn, E: torch.Tensor, weights: torch.Tensor = None):
     return out.detach(), x.grad.detach()
 
 
+def backend_loss_and_grad(E: torch.Tensor, labels: torch.Tensor, backend: str, weights=None, **kw):
+    """pnp_loss(backend=backend, **kw) on the backend's device (device_for); loss and gradient back on the CPU."""
+    dev = device_for(backend)
+    out, grad = loss_and_grad(
+        lambda x: pnp_kernels.pnp_loss(x, labels.to(dev), backend=backend, **kw),
+        E.to(dev),
+        None if weights is None else weights.to(dev),
+    )
+    return out.cpu(), grad.cpu()
+
+
 def reference_loss_and_grad(E32: torch.Tensor, labels: torch.Tensor, weights=None, **kw):
     """The float64 oracle on the (float32) inputs upcast to float64."""
     return loss_and_grad(lambda x: pnp_loss_reference(x, labels, **kw), E32.to(torch.float64), weights)
 
 
-def assert_close_to_reference(out, grad, ref_out, ref_grad, tol):
-    """Norm-wise relative error <= tol for loss and gradient; exact zeros where the reference is 0."""
+def assert_close_to_reference(out, grad, ref_out, ref_grad, tol, tol_grad=None):
+    """Norm-wise relative error <= tol for the loss and <= tol_grad (default tol) for the gradient;
+    exact zeros where the reference is 0. Returns (loss error, gradient error), 0.0 for exact zeros."""
+    tol_grad = tol if tol_grad is None else tol_grad
     assert torch.isfinite(out).all() and torch.isfinite(grad).all()
     assert out.shape == ref_out.shape
     assert grad.shape == ref_grad.shape
+    e_loss = e_grad = 0.0
     if torch.linalg.vector_norm(ref_out.double()) == 0:
         assert max_abs(out) <= 1e-12, f"loss should be 0, got {out}"
     else:
-        e = rel_err(out, ref_out)
-        assert e <= tol, f"loss rel err {e:.3g} > {tol:g} (got {out}, ref {ref_out})"
+        e_loss = rel_err(out, ref_out)
+        assert e_loss <= tol, f"loss rel err {e_loss:.3g} > {tol:g} (got {out}, ref {ref_out})"
     if torch.linalg.vector_norm(ref_grad.double()) == 0:
         assert max_abs(grad) <= 1e-12, f"gradient should be 0, max |g| = {max_abs(grad):.3g}"
     else:
-        e = rel_err(grad, ref_grad)
-        assert e <= tol, f"gradient rel err {e:.3g} > {tol:g}"
+        e_grad = rel_err(grad, ref_grad)
+        assert e_grad <= tol_grad, f"gradient rel err {e_grad:.3g} > {tol_grad:g}"
+    return e_loss, e_grad
 
 
 def require_backend(name: str):
@@ -161,6 +217,17 @@ def require_backend(name: str):
         if name in REQUIRED_BACKENDS:
             pytest.fail(msg + " (required by PNP_KERNELS_REQUIRE_BACKENDS)")
         pytest.skip(msg)
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "needs_backend(name): skip where backend name is unavailable, fail where it is required"
+    )
+
+
+def pytest_runtest_setup(item):
+    for mark in item.iter_markers(name="needs_backend"):
+        require_backend(*mark.args)
 
 
 @pytest.fixture(params=ALL_BACKENDS)

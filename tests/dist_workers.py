@@ -97,8 +97,9 @@ def run_scenario(rank, world, sc, gather_patch=None):
 
 
 def run_ddp(rank, world):
-    import pnp_kernels
     from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import pnp_kernels
 
     sizes = sizes_for(world)
     gen = torch.Generator().manual_seed(77)

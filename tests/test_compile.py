@@ -1,4 +1,4 @@
-"""Issue 5, torch.compile: pnp_loss traces without a graph break and matches eager.
+"""torch.compile: pnp_loss traces without a graph break and matches eager.
 
 fullgraph=True turns any graph break into an error, so a passing test proves that
 dynamo traces the whole call (pnp_loss dispatches to the torch.library custom ops
@@ -8,18 +8,24 @@ AOTAutograd's joint forward/backward graph); one function and one training step 
 through the real "inductor". Results must equal eager (rtol 1e-6).
 Each test starts with torch._dynamo.reset() so no cached graph hides a break.
 """
-import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+from pnp_kernels import pnp_loss
+from pnp_kernels.reference import pnp_loss_reference
 
-import pnp_kernels  # noqa: E402
-from pnp_kernels import pnp_loss  # noqa: E402
-from pnp_kernels.reference import pnp_loss_reference  # noqa: E402
+from conftest import (
+    ALL_BACKENDS,
+    VARIANTS,
+    cyclic_labels,
+    loss_and_grad,
+    make_generator,
+    make_linear,
+    rel_err,
+    require_backend,
+)
 
-VARIANTS = ("O", "Ds", "Dq", "Iu", "Ib")
 RTOL, ATOL = 1e-6, 1e-9
 
 
@@ -30,26 +36,18 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-def _require(backend):
-    if backend not in ("auto",) and backend not in pnp_kernels.available_backends():
-        pytest.skip(f"backend {backend!r} unavailable: {pnp_kernels.backend_status()[backend]['reason']}")
-
-
 def _data(seed, B=24, D=8, n_classes=5):
-    gen = torch.Generator().manual_seed(seed)
+    gen = make_generator(seed)
     E = torch.randn(B, D, generator=gen)
-    labels = (torch.randperm(B, generator=gen) % n_classes) * 3 - 4
+    labels = cyclic_labels(B, n_classes, gen, step=3, offset=-4)
     labels[0] = 1000  # a singleton query (dropped from the mean)
     w = torch.rand(B, generator=gen) + 0.5
     return E, labels, w
 
 
 def _loss_and_grad(fn, E, labels, weights=None):
-    x = E.detach().clone().requires_grad_(True)
-    out = fn(x, labels)
-    target = out if weights is None else (out * weights).sum()
-    target.backward()
-    return out.detach(), x.grad.detach()
+    """conftest.loss_and_grad of fn(x, labels): fn is a two-argument (compiled) function."""
+    return loss_and_grad(lambda x: fn(x, labels), E, weights)
 
 
 def _assert_same(a, b):
@@ -57,22 +55,29 @@ def _assert_same(a, b):
     torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
 
 
-@pytest.mark.parametrize("backend", ["auto", "torch", "triton", "ext"])
+def _assert_compiled_equals_eager(compiled, f, E, labels, weights=None):
+    """Loss and gradient of compiled(x, labels) equal those of f(x, labels); returns (out_c, grad_c, grad_e)."""
+    out_c, grad_c = _loss_and_grad(compiled, E, labels, weights)
+    out_e, grad_e = _loss_and_grad(f, E, labels, weights)
+    _assert_same(out_c, out_e)
+    _assert_same(grad_c, grad_e)
+    return out_c, grad_c, grad_e
+
+
+@pytest.mark.parametrize("backend", ("auto",) + ALL_BACKENDS)
 def test_fullgraph_no_graph_break_matches_eager(backend):
     """torch.compile(fullgraph=True, backend="eager") of a function calling pnp_loss with each
     backend argument: no graph break (it would raise), loss and gradient equal to eager.
     backend="auto" resolves to the torch backend on CPU; "triton" runs under the interpreter."""
-    _require(backend)
+    if backend != "auto":
+        require_backend(backend)
     E, labels, _ = _data(1, B=16 if backend == "triton" else 24)
 
     def f(x, y):
         return pnp_loss(x, y, variant="Dq", anneal=0.05, backend=backend)
 
     compiled = torch.compile(f, backend="eager", fullgraph=True)
-    out_c, grad_c = _loss_and_grad(compiled, E, labels)
-    out_e, grad_e = _loss_and_grad(f, E, labels)
-    _assert_same(out_c, out_e)
-    _assert_same(grad_c, grad_e)
+    _, _, grad_e = _assert_compiled_equals_eager(compiled, f, E, labels)
     assert torch.linalg.vector_norm(grad_e) > 0
 
 
@@ -85,38 +90,27 @@ def test_inductor_fullgraph_matches_eager_and_reference():
         return pnp_loss(2.0 * x, y, variant="Ds", anneal=0.05) + 0.5 * pnp_loss(x, y, variant="O", anneal=0.1)
 
     compiled = torch.compile(f, backend="inductor", fullgraph=True)
-    out_c, grad_c = _loss_and_grad(compiled, E, labels)
-    out_e, grad_e = _loss_and_grad(f, E, labels)
-    _assert_same(out_c, out_e)
-    _assert_same(grad_c, grad_e)
+    out_c, grad_c, _ = _assert_compiled_equals_eager(compiled, f, E, labels)
 
     def ref(x, y):
-        return (pnp_loss_reference(2.0 * x, y, variant="Ds", anneal=0.05)
-                + 0.5 * pnp_loss_reference(x, y, variant="O", anneal=0.1))
+        return pnp_loss_reference(2.0 * x, y, variant="Ds", anneal=0.05) + 0.5 * pnp_loss_reference(
+            x, y, variant="O", anneal=0.1
+        )
 
     out_r, grad_r = _loss_and_grad(ref, E.double(), labels)
     torch.testing.assert_close(out_c.double(), out_r, rtol=1e-5, atol=0)
-    assert (torch.linalg.vector_norm(grad_c.double() - grad_r) / torch.linalg.vector_norm(grad_r)).item() <= 1e-5
-
-
-def _make_model(seed, D_in=12, D=8):
-    gen = torch.Generator().manual_seed(seed)
-    lin = torch.nn.Linear(D_in, D)
-    with torch.no_grad():
-        lin.weight.copy_(torch.randn(D, D_in, generator=gen) / D_in ** 0.5)
-        lin.bias.copy_(torch.randn(D, generator=gen) * 0.1)
-    return lin
+    assert rel_err(grad_c, grad_r) <= 1e-5
 
 
 def test_compiled_training_step_matches_eager():
     """Linear -> pnp_loss -> backward -> SGD step, three steps; the forward compiled with
     inductor and fullgraph=True. Losses and parameters after every step equal the eager run."""
-    gen = torch.Generator().manual_seed(3)
+    gen = make_generator(3)
     B, D_in = 24, 12
     batches = [(torch.randn(B, D_in, generator=gen), torch.randperm(B, generator=gen) % 6) for _ in range(3)]
 
     def run(compile_forward):
-        model = _make_model(4)
+        model = make_linear(12, 8, make_generator(4))
         opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
 
         def forward(x, y):
@@ -158,10 +152,7 @@ def test_variants_and_reductions_through_aot_eager(variant, reduction):
         return pnp_loss(x, y, **kw)
 
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
-    out_c, grad_c = _loss_and_grad(compiled, E, labels, weights)
-    out_e, grad_e = _loss_and_grad(f, E, labels, weights)
-    _assert_same(out_c, out_e)
-    _assert_same(grad_c, grad_e)
+    out_c, _, _ = _assert_compiled_equals_eager(compiled, f, E, labels, weights)
     if reduction == "none":
         assert out_c.shape == (E.shape[0],)
         assert out_c[0].item() == 0.0  # the singleton query
@@ -171,6 +162,7 @@ def test_compiled_inference_without_grad_and_new_batch_size():
     """Compiled (aot_eager, fullgraph) on embeddings that do not require grad and under
     torch.no_grad, at two batch sizes (the second recompiles with automatic dynamic shapes):
     equal to eager, the result does not require grad."""
+
     def f(x, y):
         return pnp_loss(x, y, variant="Iu", anneal=0.05, similarity="dot")
 
@@ -191,13 +183,11 @@ def test_dynamic_true_fullgraph_matches_eager():
     """torch.compile(dynamic=True, fullgraph=True): dynamo then treats Python floats (anneal,
     alpha, b) as symbolic, so argument validation must not need concrete floats; two batch sizes
     share one graph and equal eager, gradient included."""
+
     def f(x, y):
         return pnp_loss(x, y, variant="Ib", anneal=0.05, b=3.0)
 
     compiled = torch.compile(f, backend="eager", fullgraph=True, dynamic=True)
     for B in (16, 24):
         E, labels, _ = _data(40 + B, B=B)
-        out_c, grad_c = _loss_and_grad(compiled, E, labels)
-        out_e, grad_e = _loss_and_grad(f, E, labels)
-        _assert_same(out_c, out_e)
-        _assert_same(grad_c, grad_e)
+        _assert_compiled_equals_eager(compiled, f, E, labels)

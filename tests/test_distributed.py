@@ -18,8 +18,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-import dist_workers as W_
 import pnp_kernels
+
+import dist_workers as W_
 
 TIMEOUT_S = 240
 TOL = 1e-10

@@ -1,4 +1,5 @@
 """Bad input raises before any kernel runs, with a message naming the argument."""
+
 import math
 import os
 import subprocess
@@ -11,11 +12,11 @@ import torch
 import pnp_kernels
 from pnp_kernels.backends.torch_backend import TorchBackend
 
-from conftest import REQUIRED_BACKENDS
+from conftest import REQUIRED_BACKENDS, make_generator, require_backend
 
 
 def _E(B=6, D=4, dtype=torch.float32):
-    return torch.randn(B, D, generator=torch.Generator().manual_seed(0)).to(dtype)
+    return torch.randn(B, D, generator=make_generator(0)).to(dtype)
 
 
 def _y(B=6):
@@ -25,8 +26,10 @@ def _y(B=6):
 @pytest.fixture
 def no_kernel(monkeypatch):
     """Fail loudly if validation lets a call reach the torch backend's row kernel."""
+
     def boom(*a, **k):
         raise AssertionError("a kernel ran before the input was validated")
+
     monkeypatch.setattr(TorchBackend, "row_losses_and_dS", boom)
 
 
@@ -140,7 +143,7 @@ def test_required_backends_are_available(name):
 
 
 def _R(M=5, D=4, dtype=torch.float32):
-    return torch.randn(M, D, generator=torch.Generator().manual_seed(1)).to(dtype)
+    return torch.randn(M, D, generator=make_generator(1)).to(dtype)
 
 
 def _ry(M=5):
@@ -161,18 +164,37 @@ BAD_REFERENCE = [
     ("ref-labels-float", dict(ref_emb=_R(), ref_labels=_ry().float()), TypeError, "ref_labels"),
     ("ref-labels-alone", dict(ref_labels=_ry()), ValueError, "ref_labels.*without ref_emb"),
     ("index-alone", dict(query_ref_index=torch.arange(6)), ValueError, "query_ref_index.*without ref_emb"),
-    ("index-shape", dict(ref_emb=_R(), ref_labels=_ry(), query_ref_index=torch.arange(5)), ValueError,
-     "query_ref_index.*shape"),
-    ("index-float", dict(ref_emb=_R(), ref_labels=_ry(), query_ref_index=torch.zeros(6)), TypeError,
-     "query_ref_index"),
-    ("index-bool", dict(ref_emb=_R(), ref_labels=_ry(), query_ref_index=torch.zeros(6, dtype=torch.bool)),
-     TypeError, "query_ref_index"),
-    ("index-high", dict(ref_emb=_R(), ref_labels=_ry(), query_ref_index=torch.tensor([0, 1, 2, 3, 4, 5])),
-     ValueError, "query_ref_index.*entry 5 is 5"),
-    ("index-low", dict(ref_emb=_R(), ref_labels=_ry(), query_ref_index=torch.tensor([0, -2, 2, 3, 4, -1])),
-     ValueError, "query_ref_index.*entry 1 is -2"),
-    ("index-list", dict(ref_emb=_R(), ref_labels=_ry(), query_ref_index=[0, 1, 2, 3, 4, -1]), TypeError,
-     "query_ref_index"),
+    (
+        "index-shape",
+        dict(ref_emb=_R(), ref_labels=_ry(), query_ref_index=torch.arange(5)),
+        ValueError,
+        "query_ref_index.*shape",
+    ),
+    ("index-float", dict(ref_emb=_R(), ref_labels=_ry(), query_ref_index=torch.zeros(6)), TypeError, "query_ref_index"),
+    (
+        "index-bool",
+        dict(ref_emb=_R(), ref_labels=_ry(), query_ref_index=torch.zeros(6, dtype=torch.bool)),
+        TypeError,
+        "query_ref_index",
+    ),
+    (
+        "index-high",
+        dict(ref_emb=_R(), ref_labels=_ry(), query_ref_index=torch.tensor([0, 1, 2, 3, 4, 5])),
+        ValueError,
+        "query_ref_index.*entry 5 is 5",
+    ),
+    (
+        "index-low",
+        dict(ref_emb=_R(), ref_labels=_ry(), query_ref_index=torch.tensor([0, -2, 2, 3, 4, -1])),
+        ValueError,
+        "query_ref_index.*entry 1 is -2",
+    ),
+    (
+        "index-list",
+        dict(ref_emb=_R(), ref_labels=_ry(), query_ref_index=[0, 1, 2, 3, 4, -1]),
+        TypeError,
+        "query_ref_index",
+    ),
 ]
 
 
@@ -186,8 +208,9 @@ def test_reference_set_rejects(no_kernel, loss, kw, exc, match):
 
 def test_valid_reference_call_reaches_the_kernel(no_kernel):
     with pytest.raises(AssertionError, match="kernel ran"):
-        pnp_kernels.pnp_loss(_E(), _y(), _R(), _ry(), query_ref_index=torch.tensor([0, 1, 2, 3, 4, -1]),
-                             backend="torch")
+        pnp_kernels.pnp_loss(
+            _E(), _y(), _R(), _ry(), query_ref_index=torch.tensor([0, 1, 2, 3, 4, -1]), backend="torch"
+        )
 
 
 BAD_SMOOTH_AP = [
@@ -210,8 +233,9 @@ def test_smooth_ap_rejects(no_kernel, kw, exc, match):
 
 def test_distributed_rejects_query_ref_index(no_kernel):
     with pytest.raises(ValueError, match="query_ref_index.*distributed"):
-        pnp_kernels.pnp_loss(_E(), _y(), _R(), _ry(), query_ref_index=torch.full((6,), -1), distributed=True,
-                             backend="torch")
+        pnp_kernels.pnp_loss(
+            _E(), _y(), _R(), _ry(), query_ref_index=torch.full((6,), -1), distributed=True, backend="torch"
+        )
 
 
 def test_cross_batch_memory_rejects():
@@ -225,8 +249,7 @@ def test_cross_batch_memory_rejects():
 
 
 def test_triton_rejects_float64():
-    if "triton" not in pnp_kernels.available_backends():
-        pytest.skip("triton unavailable")
+    require_backend("triton")
     with pytest.raises(TypeError, match="embeddings"):
         pnp_kernels.pnp_loss(_E(dtype=torch.float64), _y(), backend="triton")
 

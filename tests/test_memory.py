@@ -4,6 +4,7 @@ raises the peak RSS by < 500 MB (a B^3 float32 tensor alone would be 34 GB).
 Measured in a fresh subprocess so that the peak RSS (ru_maxrss) is that of this one
 computation, not of whatever ran earlier in the pytest process.
 """
+
 import json
 import math
 import os
@@ -47,13 +48,20 @@ SCRIPT = textwrap.dedent(
 def test_torch_backend_peak_rss_b2048(variant, similarity):
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, "2048", "64", variant, similarity],
-                          capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, "2048", "64", variant, similarity],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     delta = res["after_mb"] - res["before_mb"]
-    print(f"B=2048 D=64 {variant}/{similarity}: peak RSS {res['before_mb']:.0f} MB -> "
-          f"{res['after_mb']:.0f} MB, delta {delta:.1f} MB (limit {LIMIT_MB} MB)")
+    print(
+        f"B=2048 D=64 {variant}/{similarity}: peak RSS {res['before_mb']:.0f} MB -> "
+        f"{res['after_mb']:.0f} MB, delta {delta:.1f} MB (limit {LIMIT_MB} MB)"
+    )
     assert math.isfinite(res["loss"]), res
     assert res["grad_finite"] and res["grad_nonzero"]
     assert delta < LIMIT_MB

@@ -1,11 +1,11 @@
-"""Issue 5, mixed precision: float16 / bfloat16 embeddings and torch.autocast.
+"""Mixed precision: float16 / bfloat16 embeddings and torch.autocast.
 
 What every case checks:
 - the loss is float32 (and a (B,) float32 vector for reduction="none"), the
   gradient comes back in the embeddings' dtype, nothing is NaN or inf;
-- accuracy rule of DESIGN.md section 5: against the float64 reference run on the
-  SAME half-rounded inputs (E_half.double()), our error is no worse than 2x the
-  error of the reference computed in that half precision (plus a tiny floor);
+- the half-precision accuracy rule: against the float64 reference run on the SAME
+  half-rounded inputs (E_half.double()), our error is no worse than 2x the error of
+  the reference computed in that same half precision (plus a tiny floor);
 - the references' float16 backward is NaN (their exp(clamp(-x/tau, -50, 50))
   overflows float16 and 0 * inf follows), where ours is finite and accurate.
 
@@ -13,60 +13,41 @@ The torch backend runs float16 and bfloat16 on the CPU; the Triton backend runs
 float16 under the interpreter (which cannot do bfloat16 arithmetic: Triton's
 bfloat16 is covered on a GPU only). Measured bounds are printed (pytest -s).
 """
-import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+from pnp_kernels import pnp_loss
+from pnp_kernels.reference import pnp_loss_reference
 
-import pnp_kernels  # noqa: E402
-from pnp_kernels import pnp_loss  # noqa: E402
-from pnp_kernels.reference import pnp_loss_reference  # noqa: E402
+from conftest import (
+    ALL_BACKENDS,
+    UNIT_ROUNDOFF,
+    VARIANTS,
+    backend_loss_and_grad,
+    cyclic_labels,
+    device_for,
+    loss_and_grad,
+    make_generator,
+    make_linear,
+    reference_loss_and_grad,
+    rel_err,
+    require_backend,
+)
 
-VARIANTS = ("O", "Ds", "Dq", "Iu", "Ib")
 HALF = {"float16": torch.float16, "bfloat16": torch.bfloat16}
-# unit roundoff of each half format: one correct rounding of a result costs at most this (relative)
-UNIT_ROUNDOFF = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
 FLOOR = 1e-6  # absolute floor of the 2x rule, far below any half-precision error
 
 
-def _require(backend):
-    if backend not in pnp_kernels.available_backends():
-        pytest.skip(f"backend {backend!r} unavailable: {pnp_kernels.backend_status()[backend]['reason']}")
-
-
 def _require_half_support(backend, dtype):
-    _require(backend)
+    require_backend(backend)
     if backend == "triton" and dtype == torch.bfloat16 and not torch.cuda.is_available():
         pytest.skip("the Triton interpreter cannot do bfloat16 arithmetic; bf16 Triton is a GPU check")
 
 
-def _device(backend):
-    return "cuda" if backend in ("triton", "ext") and torch.cuda.is_available() else "cpu"
-
-
-def _gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
 def _labels(B, n_classes, gen):
     """Unsorted labels with arbitrary (negative, gapped) ids and unequal classes."""
-    return (torch.randperm(B, generator=gen) % n_classes) * 7 - 11
-
-
-def _loss_and_grad(fn, E, weights=None):
-    x = E.detach().clone().requires_grad_(True)
-    out = fn(x)
-    target = out if weights is None else (out * weights.to(out.dtype)).sum()
-    target.backward()
-    return out.detach(), x.grad.detach()
-
-
-def _rel(a, b):
-    a = a.detach().cpu().double()
-    b = b.detach().cpu().double()
-    return (torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b)).item()
+    return cyclic_labels(B, n_classes, gen, step=7, offset=-11)
 
 
 def _finite(t):
@@ -104,26 +85,27 @@ def test_half_precision_dtypes_finite_and_within_2x_of_half_reference(backend, d
     dtype = HALF[dtype_name]
     _require_half_support(backend, dtype)
     B, D = (24, 8)
-    gen = _gen(500 + 10 * VARIANTS.index(variant) + int(anneal * 100))
+    gen = make_generator(500 + 10 * VARIANTS.index(variant) + int(anneal * 100))
     E = torch.randn(B, D, generator=gen).to(dtype)  # half-rounded inputs: every run sees these values
     labels = _labels(B, 5, gen)
     kw = dict(variant=variant, anneal=anneal, alpha=1.5, b=2.0)
-    dev = _device(backend)
 
-    out, grad = _loss_and_grad(lambda x: pnp_loss(x, labels.to(dev), backend=backend, **kw), E.to(dev))
+    out, grad = backend_loss_and_grad(E, labels, backend, **kw)
     assert out.dtype == torch.float32 and out.shape == ()
     assert grad.dtype == dtype and grad.shape == E.shape
     assert _finite(out) and _finite(grad), f"non-finite output: loss {out}, grad has NaN/inf"
 
-    oracle_out, oracle_grad = _loss_and_grad(lambda x: pnp_loss_reference(x, labels, **kw), E.double())
-    half_out, half_grad = _loss_and_grad(lambda x: pnp_loss_reference(x, labels, **kw), E)
+    oracle_out, oracle_grad = reference_loss_and_grad(E, labels, **kw)
+    half_out, half_grad = loss_and_grad(lambda x: pnp_loss_reference(x, labels, **kw), E)
 
-    err_out, err_grad = _rel(out, oracle_out), _rel(grad, oracle_grad)
-    half_err_out = _rel(half_out, oracle_out) if _finite(half_out) else float("nan")
-    half_err_grad = _rel(half_grad, oracle_grad) if _finite(half_grad) else float("nan")
-    print(f"\n[half bound] {backend} {dtype_name} tau={anneal} {variant}: "
-          f"loss err ours {err_out:.2e} vs half-ref {half_err_out:.2e}; "
-          f"grad err ours {err_grad:.2e} vs half-ref {half_err_grad:.2e}")
+    err_out, err_grad = rel_err(out, oracle_out), rel_err(grad, oracle_grad)
+    half_err_out = rel_err(half_out, oracle_out) if _finite(half_out) else float("nan")
+    half_err_grad = rel_err(half_grad, oracle_grad) if _finite(half_grad) else float("nan")
+    print(
+        f"\n[half bound] {backend} {dtype_name} tau={anneal} {variant}: "
+        f"loss err ours {err_out:.2e} vs half-ref {half_err_out:.2e}; "
+        f"grad err ours {err_grad:.2e} vs half-ref {half_err_grad:.2e}"
+    )
 
     u = UNIT_ROUNDOFF[dtype]
     if half_err_out == half_err_out:  # finite reference loss: the 2x rule
@@ -139,37 +121,42 @@ def test_half_precision_dtypes_finite_and_within_2x_of_half_reference(backend, d
         assert err_grad <= u, (err_grad, u)
 
 
-@pytest.mark.parametrize("backend,dtype_name", [("torch", "float16"), ("torch", "bfloat16"),
-                                                ("triton", "float16"), ("triton", "bfloat16"),
-                                                ("ext", "float16"), ("ext", "bfloat16")])
+@pytest.mark.parametrize(
+    "backend,dtype_name",
+    [
+        ("torch", "float16"),
+        ("torch", "bfloat16"),
+        ("triton", "float16"),
+        ("triton", "bfloat16"),
+        ("ext", "float16"),
+        ("ext", "bfloat16"),
+    ],
+)
 def test_half_precision_reduction_none_is_float32_vector(backend, dtype_name):
     """reduction="none" on half embeddings: a (B,) float32 vector, finite, matching the float64
     reference per query (float32 accuracy: the inputs are exact in float32), gradient in the half dtype."""
     dtype = HALF[dtype_name]
     _require_half_support(backend, dtype)
     B, D = 20, 8
-    gen = _gen(77)
+    gen = make_generator(77)
     E = torch.randn(B, D, generator=gen).to(dtype)
     labels = _labels(B, 4, gen)
     labels[0] = 999  # a singleton: its entry is exactly 0
     w = torch.rand(B, generator=gen) + 0.5
-    dev = _device(backend)
-    out, grad = _loss_and_grad(
-        lambda x: pnp_loss(x, labels.to(dev), variant="Ds", anneal=0.1, reduction="none", backend=backend),
-        E.to(dev), w.to(dev))
+    out, grad = backend_loss_and_grad(E, labels, backend, weights=w, variant="Ds", anneal=0.1, reduction="none")
     assert out.dtype == torch.float32 and out.shape == (B,)
     assert grad.dtype == dtype
     assert _finite(out) and _finite(grad)
     assert out[0].item() == 0.0
-    ref_out, ref_grad = _loss_and_grad(
-        lambda x: pnp_loss_reference(x, labels, variant="Ds", anneal=0.1, reduction="none"), E.double(), w)
-    assert _rel(out, ref_out) <= 1e-5
-    assert _rel(grad, ref_grad) <= UNIT_ROUNDOFF[dtype]
+    ref_out, ref_grad = reference_loss_and_grad(E, labels, w, variant="Ds", anneal=0.1, reduction="none")
+    assert rel_err(out, ref_out) <= 1e-5
+    assert rel_err(grad, ref_grad) <= UNIT_ROUNDOFF[dtype]
 
 
 # ---------------------------------------------------------------------------
 # the references' float16 backward is NaN; ours is not
 # ---------------------------------------------------------------------------
+
 
 def test_float16_exp_overflow_mechanism():
     """The reference's clamp at 50 does not save float16: exp(50) = 5.2e21 > 65504 is inf, and
@@ -181,33 +168,33 @@ def test_float16_exp_overflow_mechanism():
     assert torch.isnan(x.grad).all()
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton", "ext"])
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("anneal", [0.01, 0.05])
 def test_reference_float16_backward_is_nan_where_ours_is_finite(backend, anneal):
     """Float16 inputs, default-like anneal: pnp_loss_reference's gradient is NaN (its loss is
     finite), ours is finite and within one float16 rounding of the float64 oracle."""
-    _require(backend)
+    require_backend(backend)
     B, D = 16, 8
-    gen = _gen(31)
+    gen = make_generator(31)
     E = torch.randn(B, D, generator=gen).to(torch.float16)
     labels = _labels(B, 4, gen)
-    ref_out, ref_grad = _loss_and_grad(lambda x: pnp_loss_reference(x, labels, anneal=anneal), E)
+    ref_out, ref_grad = loss_and_grad(lambda x: pnp_loss_reference(x, labels, anneal=anneal), E)
     assert _finite(ref_out), "the reference's float16 forward is finite (1 / (1 + inf) = 0)"
     assert not _finite(ref_grad), "expected the reference's float16 gradient to contain NaN/inf"
     n_nan = int(torch.isnan(ref_grad).sum())
     print(f"\n[fp16 reference] tau={anneal}: {n_nan}/{ref_grad.numel()} gradient entries NaN")
 
-    dev = _device(backend)
-    out, grad = _loss_and_grad(lambda x: pnp_loss(x, labels.to(dev), anneal=anneal, backend=backend), E.to(dev))
+    out, grad = backend_loss_and_grad(E, labels, backend, anneal=anneal)
     assert _finite(out) and _finite(grad)
-    oracle_out, oracle_grad = _loss_and_grad(lambda x: pnp_loss_reference(x, labels, anneal=anneal), E.double())
-    assert _rel(out, oracle_out) <= 1e-5
-    assert _rel(grad, oracle_grad) <= UNIT_ROUNDOFF[torch.float16]
+    oracle_out, oracle_grad = reference_loss_and_grad(E, labels, anneal=anneal)
+    assert rel_err(out, oracle_out) <= 1e-5
+    assert rel_err(grad, oracle_grad) <= UNIT_ROUNDOFF[torch.float16]
 
 
 # ---------------------------------------------------------------------------
 # torch.autocast
 # ---------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("backend", ["torch", "ext"])
 @pytest.mark.parametrize("variant,similarity", [("O", "cosine"), ("Dq", "cosine"), ("Ib", "dot")])
@@ -215,13 +202,10 @@ def test_autocast_bfloat16_linear_embeddings(variant, similarity, backend):
     """float32 inputs through nn.Linear inside torch.autocast("cpu", bfloat16): the embeddings are
     bfloat16, the loss float32, their gradient bfloat16, the Linear's gradients float32, all finite,
     and loss/gradient match the float64 reference on the same bfloat16 embeddings."""
-    _require(backend)
-    gen = _gen(2024)
+    require_backend(backend)
+    gen = make_generator(2024)
     B, D_in, D = 24, 12, 8
-    lin = torch.nn.Linear(D_in, D)
-    with torch.no_grad():
-        lin.weight.copy_(torch.randn(D, D_in, generator=gen) / D_in ** 0.5)
-        lin.bias.copy_(torch.randn(D, generator=gen) * 0.1)
+    lin = make_linear(D_in, D, gen)
     inputs = torch.randn(B, D_in, generator=gen)
     labels = _labels(B, 6, gen)
     kw = dict(variant=variant, similarity=similarity, anneal=0.05)
@@ -238,21 +222,19 @@ def test_autocast_bfloat16_linear_embeddings(variant, similarity, backend):
         assert _finite(t)
     assert torch.linalg.vector_norm(lin.weight.grad.double()) > 0
 
-    oracle_out, oracle_grad = _loss_and_grad(lambda x: pnp_loss_reference(x, labels, **kw), emb.detach().double())
-    assert _rel(loss, oracle_out) <= 1e-5
-    assert _rel(emb.grad, oracle_grad) <= UNIT_ROUNDOFF[torch.bfloat16]
+    oracle_out, oracle_grad = reference_loss_and_grad(emb.detach(), labels, **kw)
+    assert rel_err(loss, oracle_out) <= 1e-5
+    assert rel_err(emb.grad, oracle_grad) <= UNIT_ROUNDOFF[torch.bfloat16]
 
 
 def test_autocast_float16_triton_interpreter():
     """Same under torch.autocast("cpu", float16) with the Triton backend (float16 is fine in the
     interpreter): float32 loss, float16 embedding gradient, finite and close to the oracle."""
-    _require("triton")
-    dev = _device("triton")
-    gen = _gen(7)
+    require_backend("triton")
+    dev = device_for("triton")
+    gen = make_generator(7)
     B, D_in, D = 16, 8, 8
-    lin = torch.nn.Linear(D_in, D).to(dev)
-    with torch.no_grad():
-        lin.weight.copy_(torch.randn(D, D_in, generator=gen) / D_in ** 0.5)
+    lin = make_linear(D_in, D, gen, bias=False).to(dev)
     inputs = torch.randn(B, D_in, generator=gen).to(dev)
     labels = _labels(B, 4, gen)
     with torch.autocast(dev, dtype=torch.float16):
@@ -263,7 +245,6 @@ def test_autocast_float16_triton_interpreter():
     loss.backward()
     assert emb.grad.dtype == torch.float16 and lin.weight.grad.dtype == torch.float32
     assert _finite(loss) and _finite(emb.grad) and _finite(lin.weight.grad)
-    oracle_out, oracle_grad = _loss_and_grad(
-        lambda x: pnp_loss_reference(x, labels, variant="Dq", anneal=0.05), emb.detach().cpu().double())
-    assert _rel(loss, oracle_out) <= 1e-5
-    assert _rel(emb.grad, oracle_grad) <= UNIT_ROUNDOFF[torch.float16]
+    oracle_out, oracle_grad = reference_loss_and_grad(emb.detach().cpu(), labels, variant="Dq", anneal=0.05)
+    assert rel_err(loss, oracle_out) <= 1e-5
+    assert rel_err(emb.grad, oracle_grad) <= UNIT_ROUNDOFF[torch.float16]

@@ -5,6 +5,7 @@ Loss AND gradient w.r.t. the embeddings, float32 inputs, norm-wise relative erro
 (exact zeros where the reference is 0). Triton runs under the interpreter here:
 its shapes stay small (B <= 48, D <= 16).
 """
+
 import pytest
 import torch
 
@@ -18,10 +19,13 @@ from pnp_kernels.variants import VARIANTS as VARIANT_TABLE
 
 from conftest import (
     ALL_BACKENDS,
+    BATCH_SHAPES,
     PATTERNS,
     SIMILARITIES,
+    TOL32,
     VARIANTS,
     assert_close_to_reference,
+    batch_shape,
     loss_and_grad,
     make_embeddings,
     make_generator,
@@ -32,18 +36,7 @@ from conftest import (
     segments,
 )
 
-TOL32 = 1e-5
 TOL64 = 1e-10
-
-# batch shape per backend: the interpreter is slow, so Triton stays small
-SHAPES = {"torch": (40, 16), "triton": (24, 8), "ext": (40, 16)}
-
-
-def _shape(backend, pattern="unsorted"):
-    B, D = SHAPES[backend]
-    if backend == "triton" and pattern == "one_class":
-        B = 20  # one class of 20: two positive chunks per row, 20 rows; keeps the interpreter quick
-    return B, D
 
 
 def _options(variant, similarity, pattern):
@@ -59,16 +52,26 @@ def _options(variant, similarity, pattern):
 
 
 def _seed(backend, variant, similarity, pattern):
-    return (10000 + 1000 * ALL_BACKENDS.index(backend) + 100 * VARIANTS.index(variant)
-            + 10 * SIMILARITIES.index(similarity) + PATTERNS.index(pattern))
+    return (
+        10000
+        + 1000 * ALL_BACKENDS.index(backend)
+        + 100 * VARIANTS.index(variant)
+        + 10 * SIMILARITIES.index(similarity)
+        + PATTERNS.index(pattern)
+    )
 
 
 def _run_case(backend, variant, similarity, labels, E, reduction="mean", weights=None, tol=TOL32, **kw):
     out, grad = loss_and_grad(
-        lambda x: pnp_kernels.pnp_loss(x, labels, variant=variant, similarity=similarity, reduction=reduction,
-                                       backend=backend, **kw), E, weights)
-    ref_out, ref_grad = reference_loss_and_grad(E, labels, weights, variant=variant, similarity=similarity,
-                                                reduction=reduction, **kw)
+        lambda x: pnp_kernels.pnp_loss(
+            x, labels, variant=variant, similarity=similarity, reduction=reduction, backend=backend, **kw
+        ),
+        E,
+        weights,
+    )
+    ref_out, ref_grad = reference_loss_and_grad(
+        E, labels, weights, variant=variant, similarity=similarity, reduction=reduction, **kw
+    )
     assert out.dtype == E.dtype
     assert_close_to_reference(out, grad, ref_out, ref_grad, tol)
     return out, ref_out
@@ -78,7 +81,7 @@ def _run_case(backend, variant, similarity, labels, E, reduction="mean", weights
 @pytest.mark.parametrize("similarity", SIMILARITIES)
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_parity_mean(backend, variant, similarity, pattern):
-    B, D = _shape(backend, pattern)
+    B, D = batch_shape(backend, pattern)
     gen = make_generator(_seed(backend, variant, similarity, pattern))
     labels = make_labels(pattern, B, gen)
     E = make_embeddings(B, D, similarity, gen)
@@ -92,13 +95,14 @@ def test_parity_mean(backend, variant, similarity, pattern):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_parity_reduction_none(backend, variant):
-    B, D = SHAPES[backend]
+    B, D = BATCH_SHAPES[backend]
     gen = make_generator(500 + VARIANTS.index(variant))
     labels = make_labels("singletons", B, gen)
     E = make_embeddings(B, D, "cosine", gen)
     weights = torch.rand(B, generator=gen, dtype=torch.float64) + 0.5
-    out, ref = _run_case(backend, variant, "cosine", labels, E, reduction="none", weights=weights,
-                         anneal=0.05, alpha=2.0, b=3.0)
+    out, ref = _run_case(
+        backend, variant, "cosine", labels, E, reduction="none", weights=weights, anneal=0.05, alpha=2.0, b=3.0
+    )
     assert out.shape == (B,)
     # the whole vector, and exact zeros at the dropped (singleton) queries
     assert rel_err(out, ref) <= TOL32
@@ -120,7 +124,7 @@ OPTION_CASES = [
 
 @pytest.mark.parametrize("variant,kw", OPTION_CASES, ids=[f"{v}-{k}" for v, k in OPTION_CASES])
 def test_parity_options(backend, variant, kw):
-    B, D = SHAPES[backend]
+    B, D = BATCH_SHAPES[backend]
     gen = make_generator(600 + len(str(kw)))
     labels = make_labels("unsorted", B, gen)
     E = make_embeddings(B, D, "dot", gen)
@@ -148,8 +152,7 @@ def test_parity_half_precision_inputs(backend, dtype):
     labels = make_labels("unsorted", B, gen)
     E = make_embeddings(B, D, "cosine", gen).to(dtype)
     ref_out, ref_grad = reference_loss_and_grad(E, labels, variant="Dq", anneal=0.05)
-    out, grad = loss_and_grad(
-        lambda x: pnp_kernels.pnp_loss(x, labels, variant="Dq", anneal=0.05, backend=backend), E)
+    out, grad = loss_and_grad(lambda x: pnp_kernels.pnp_loss(x, labels, variant="Dq", anneal=0.05, backend=backend), E)
     assert out.dtype == torch.float32
     assert grad.dtype == dtype
     assert torch.isfinite(out).all() and torch.isfinite(grad).all()
@@ -300,14 +303,18 @@ def test_torch_rows_forward_matches_row_oracle(kind, variant):
     assert rel_err(G * w[:, None], ref_G) <= 1e-12
 
 
-KERNEL_CASES = ([("triton", k, v, False) for k, v in ROW_CASES] + [("triton", "pnp", "O", True),
-                                                                    ("triton", "pnp", "Ib", True),
-                                                                    ("triton", "smooth_ap", "O", True)]
-                + [("ext", k, v, False) for k, v in ROW_CASES])
+KERNEL_CASES = (
+    [("triton", k, v, False) for k, v in ROW_CASES]
+    + [("triton", "pnp", "O", True), ("triton", "pnp", "Ib", True), ("triton", "smooth_ap", "O", True)]
+    + [("ext", k, v, False) for k, v in ROW_CASES]
+)
 
 
-@pytest.mark.parametrize("name,kind,variant,small_tiles", KERNEL_CASES,
-                         ids=[f"{n}-{k}-{v}-{'small_tiles' if t else 'default'}" for n, k, v, t in KERNEL_CASES])
+@pytest.mark.parametrize(
+    "name,kind,variant,small_tiles",
+    KERNEL_CASES,
+    ids=[f"{n}-{k}-{v}-{'small_tiles' if t else 'default'}" for n, k, v, t in KERNEL_CASES],
+)
 def test_backend_rows_forward_matches_torch(name, kind, variant, small_tiles):
     """Kernel level: a backend's row stage (float32) against the torch backend's in float64
     on the same S / segments (classes of 2-4, 5-8, > 16 positives and a dropped singleton),
@@ -322,8 +329,9 @@ def test_backend_rows_forward_matches_torch(name, kind, variant, small_tiles):
         from pnp_kernels.backends import triton_kernels
 
         def rows(S, lo, hi, spec, grad):
-            return triton_kernels.row_losses_and_dS(S, lo, hi, spec.kind, spec.variant.code, spec.anneal,
-                                                    spec.alpha, spec.b, grad, tile=128)
+            return triton_kernels.row_losses_and_dS(
+                S, lo, hi, spec.kind, spec.variant.code, spec.anneal, spec.alpha, spec.b, grad, tile=128
+            )
     else:
         rows = impl.row_losses_and_dS
     lt, Gt = rows(S, lo, hi, spec, True)

@@ -7,27 +7,20 @@ rows), a segment of more than 16 positives (several chunks) and strided rows. Th
 stages around it are checked against plain torch. Shapes are tiny: under
 TRITON_INTERPRET=1 the kernels run on the CPU.
 """
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from pnp_kernels.backends import triton_kernels as tk
 from pnp_kernels.reference import row_losses_reference
+from pnp_kernels.spec import HALF_MAX
 from pnp_kernels.variants import LOSS_PNP, LOSS_SMOOTH_AP, VARIANTS
 
-pytestmark = pytest.mark.skipif(not tk.is_available(), reason=f"triton unavailable: {tk.why_unavailable()}")
+from conftest import rel_err as _rel
+
+pytestmark = pytest.mark.needs_backend("triton")
 
 TOL = 1e-5  # float32 kernel vs float64 oracle, norm-wise relative error
-HALF_MAX = 65504.0
-
-
-def _rel(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm()).item()
 
 
 def _segments(labels_q, labels_r):

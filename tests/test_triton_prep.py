@@ -1,18 +1,16 @@
 """The Triton backend's two prep paths: torch.sort + binary search (default) and the
 fused counting sort (opt-in through COUNT_SORT_MAX_B) must produce the same thing."""
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
 
-import pnp_kernels
 from pnp_kernels import pnp_loss
 from pnp_kernels.reference import pnp_loss_reference
 from pnp_kernels.spec import SquarePrep
 
-pytestmark = pytest.mark.skipif("triton" not in pnp_kernels.available_backends(), reason="triton unavailable")
+from conftest import make_generator
+
+pytestmark = pytest.mark.needs_backend("triton")
 
 
 def _labels(pattern, n, gen):
@@ -32,7 +30,7 @@ def _labels(pattern, n, gen):
 def test_count_sort_prep_equals_sort_prep(monkeypatch, pattern, cosine):
     from pnp_kernels.backends import triton_kernels as tb
 
-    gen = torch.Generator().manual_seed(11)
+    gen = make_generator(11)
     y = _labels(pattern, 34, gen)
     E = torch.randn(y.numel(), 5, generator=gen).half()  # also exercises the dtype conversion
     monkeypatch.setattr(tb, "COUNT_SORT_MAX_B", 0)
@@ -50,13 +48,13 @@ def test_count_sort_path_loss_and_grad_match_reference(monkeypatch, variant):
     from pnp_kernels.backends import triton_kernels as tb
 
     monkeypatch.setattr(tb, "COUNT_SORT_MAX_B", 4096)
-    gen = torch.Generator().manual_seed(12)
+    gen = make_generator(12)
     y = _labels("unequal", 30, gen)
     E = torch.randn(30, 6, generator=gen, requires_grad=True)
     loss = pnp_loss(E, y, variant=variant, backend="triton")
-    g, = torch.autograd.grad(loss, E)
+    (g,) = torch.autograd.grad(loss, E)
     E64 = E.detach().double().requires_grad_()
     ref = pnp_loss_reference(E64, y, variant=variant)
-    g_ref, = torch.autograd.grad(ref, E64)
+    (g_ref,) = torch.autograd.grad(ref, E64)
     assert abs(loss.item() - ref.item()) <= 1e-5 * abs(ref.item())
     assert (g.double() - g_ref).norm() <= 1e-5 * g_ref.norm()

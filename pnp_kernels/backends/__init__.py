@@ -90,5 +90,12 @@ def resolve_backend(name: str, device: _torch.device, dtype: _torch.dtype) -> Ba
     return get_backend("torch")
 
 
-# Whether "auto" may pick triton is decided once, at import, outside any traced code.
+# Every backend class is loaded (none builds anything) and whether "auto" may pick
+# triton is decided once, at import, outside any traced code: resolve_backend then
+# imports nothing, so torch.compile traces it without a graph break.
+for _name in BACKEND_NAMES:
+    try:
+        get_backend(_name)
+    except ImportError:
+        pass
 _status("triton")

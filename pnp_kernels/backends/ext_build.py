@@ -339,7 +339,7 @@ def _ensure() -> dict:
             "cuda_std": "",
         }
         reason = _quick_reason(src)
-        if reason:
+        if reason or src is None:
             st["reason"] = reason
             _state = st
             return st
@@ -448,9 +448,9 @@ def _selfcheck() -> int:  # pragma: no cover - manual / GPU-machine tool
             w = 0.5 + torch.rand(S64.shape[0], generator=gen, dtype=torch.float64)
             for kind_name, kind in LOSS_KINDS.items():
                 for v in VARIANTS.values() if kind_name == "pnp" else (VARIANTS["O"],):
-                    kw = dict(kind=kind, variant=v.name, anneal=0.05, alpha=1.3, b=2.0)
                     Sr = S64.clone().requires_grad_(True)
-                    ref_l = row_losses_reference(Sr, lo, hi, **kw)
+                    ref_l = row_losses_reference(Sr, lo, hi, kind=kind, variant=v.name, anneal=0.05, alpha=1.3,
+                                                 b=2.0)
                     (ref_G,) = torch.autograd.grad((ref_l * w).sum(), Sr)
                     ref_G = ref_G / w[:, None]
                     for dtype in (torch.float32, torch.float64):

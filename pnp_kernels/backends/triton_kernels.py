@@ -562,7 +562,7 @@ def row_losses_and_dS(
             S, S.stride(0),
             lo.contiguous(), hi.contiguous(),
             out,
-            G if compute_grad else out, G.stride(0) if compute_grad else 0,  # dummy pointer when unused
+            G if G is not None else out, G.stride(0) if G is not None else 0,  # dummy pointer when unused
             n_cols,
             _LOG2E / anneal, 1.0 / anneal, float(alpha), float(b),
             LOSS=int(kind),

@@ -101,6 +101,34 @@ inline void sweep(const T* __restrict s, int64_t k0, int64_t k1, T sj, T scale,
   }
 }
 
+#if defined(__GNUC__) || defined(__clang__)
+#define PNP_NOINLINE __attribute__((noinline))
+#elif defined(_MSC_VER)
+#define PNP_NOINLINE __declspec(noinline)
+#else
+#define PNP_NOINLINE
+#endif
+
+// The same sums over the few columns of a positive segment [k0, k1) (Smooth-AP): a plain
+// scalar loop, kept out of line. Inlined, it made GCC 12 stop vectorising the long sweeps
+// of the same row loop: the Smooth-AP row op ran 9x slower than PNP's at B = 384, P = 4;
+// out of line it costs 1.1x (no gradient) to 1.2x (gradient) PNP's.
+template <typename T, bool GRAD>
+PNP_NOINLINE void short_sweep(const T* __restrict s, int64_t k0, int64_t k1, T sj, T scale, T* __restrict sp, double& R,
+                        double& Tsum) {
+  for (int64_t k = k0; k < k1; ++k) {
+    const T z = (sj - s[k]) * scale;
+    const T e = Exp2NonPos<T>::eval(-(z < T(0) ? -z : z));
+    const T inv = T(1) / (T(1) + e);
+    R += static_cast<double>((z >= T(0) ? e : T(1)) * inv);
+    if (GRAD) {
+      const T d = e * inv * inv;
+      sp[k] = d;
+      Tsum += static_cast<double>(d);
+    }
+  }
+}
+
 // G[k] += w * sp[k] over [k0, k1)
 template <typename T>
 inline void axpy(T* __restrict g, const T* __restrict sp, int64_t k0, int64_t k1, T w) {
@@ -150,8 +178,8 @@ void rows_kernel(const T* S, int64_t ss, const int32_t* lo_p, const int32_t* hi_
             diag[j - c0] = -c * Tn * inv_tau;
           } else {
             double P = 1.0, Tp = 0.0;  // the positive itself counts as rank 1
-            sweep<T, GRAD>(s, lo, j, s[j], scale, sp, P, Tp);
-            sweep<T, GRAD>(s, j + 1, hi, s[j], scale, sp, P, Tp);
+            short_sweep<T, GRAD>(s, lo, j, s[j], scale, sp, P, Tp);
+            short_sweep<T, GRAD>(s, j + 1, hi, s[j], scale, sp, P, Tp);
             if (GRAD) sp[j] = T(0);  // W_jj = 0
             double term, a, bt;
             smooth_ap_terms(P, R, inv_cnt, term, a, bt);

@@ -23,6 +23,7 @@ OUT/metrics.csv (one row per loss and epoch) and OUT/curves.png.
 Needs the ``examples`` extra: pip install -e ".[examples]"
 (scikit-learn, tqdm, matplotlib, pytorch-metric-learning).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,11 +48,39 @@ SPLIT_SEED = 0  # fixed: the seen-class test split does not change with --seed
 EMBEDDING_SIZE = 64
 LOSSES = ("pnp", "pml-pnp", "smooth-ap", "pml-smooth-ap")
 # our variant names (and the authors' aliases) -> pytorch-metric-learning's PNPLoss.VARIANTS
-PML_VARIANTS = {"O": "O", "Ds": "Ds", "Dq": "Dq", "Iu": "Iu", "Ib": "Ib",
-                "PNP-O": "O", "PNP-D_s": "Ds", "PNP-D_q": "Dq", "PNP-I_u": "Iu", "PNP-I_b": "Ib"}
-CSV_COLUMNS = ("loss_name", "epoch", "map_at_r", "recall_at_1", "seen_map_at_r", "seen_recall_at_1",
-               "epoch_seconds", "loss_seconds", "train_loss", "batch_size", "m_per_class", "memory_size",
-               "world_size", "backend", "options", "seed", "arch", "augment", "lr")
+PML_VARIANTS = {
+    "O": "O",
+    "Ds": "Ds",
+    "Dq": "Dq",
+    "Iu": "Iu",
+    "Ib": "Ib",
+    "PNP-O": "O",
+    "PNP-D_s": "Ds",
+    "PNP-D_q": "Dq",
+    "PNP-I_u": "Iu",
+    "PNP-I_b": "Ib",
+}
+CSV_COLUMNS = (
+    "loss_name",
+    "epoch",
+    "map_at_r",
+    "recall_at_1",
+    "seen_map_at_r",
+    "seen_recall_at_1",
+    "epoch_seconds",
+    "loss_seconds",
+    "train_loss",
+    "batch_size",
+    "m_per_class",
+    "memory_size",
+    "world_size",
+    "backend",
+    "options",
+    "seed",
+    "arch",
+    "augment",
+    "lr",
+)
 
 
 def require(module: str):
@@ -59,9 +88,10 @@ def require(module: str):
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        raise SystemExit(f"train_digits.py needs {module.split('.')[0]!r} ({exc}); install the examples extra: "
-                         "pip install -e '.[examples]' (scikit-learn, tqdm, matplotlib, pytorch-metric-learning)"
-                         ) from exc
+        raise SystemExit(
+            f"train_digits.py needs {module.split('.')[0]!r} ({exc}); install the examples extra: "
+            "pip install -e '.[examples]' (scikit-learn, tqdm, matplotlib, pytorch-metric-learning)"
+        ) from exc
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -154,7 +184,7 @@ class MPerClassBatches:
     def _deal(self, c: int) -> torch.Tensor:
         if len(self.queues[c]) < self.m:
             self.queues[c] = self.members[c][torch.randperm(len(self.members[c]), generator=self.generator)]
-        out, self.queues[c] = self.queues[c][: self.m], self.queues[c][self.m:]
+        out, self.queues[c] = self.queues[c][: self.m], self.queues[c][self.m :]
         return out
 
     def __len__(self) -> int:
@@ -190,8 +220,9 @@ class ConvEmbeddingNet(nn.Module):
         def block(c_in, c_out):
             return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.GroupNorm(4, c_out), nn.ReLU()]
 
-        self.features = nn.Sequential(*block(1, width), *block(width, 2 * width), nn.MaxPool2d(2),
-                                      *block(2 * width, 4 * width))
+        self.features = nn.Sequential(
+            *block(1, width), *block(width, 2 * width), nn.MaxPool2d(2), *block(2 * width, 4 * width)
+        )
         self.head = nn.Linear(4 * width, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -224,7 +255,8 @@ def build_loss(name: str, args) -> nn.Module:
         loss = pnp_kernels.SmoothAPLoss(temperature=args.temperature, **ours)
     elif name == "pml-pnp":
         loss = require("pytorch_metric_learning.losses").PNPLoss(
-            b=args.b, alpha=args.alpha, anneal=args.anneal, variant=PML_VARIANTS[args.variant])
+            b=args.b, alpha=args.alpha, anneal=args.anneal, variant=PML_VARIANTS[args.variant]
+        )
     else:  # pml-smooth-ap
         loss = SortedByLabel(require("pytorch_metric_learning.losses").SmoothAPLoss(temperature=args.temperature))
     if args.memory_size and not name.startswith("pml-"):
@@ -250,8 +282,12 @@ def evaluate(model: nn.Module, data) -> dict:
     model.eval()
     with torch.no_grad():
         emb, seen = model(x_test), model(x_seen)
-    return {"map_at_r": map_at_r(emb, y_test), "recall_at_1": recall_at_1(emb, y_test),
-            "seen_map_at_r": map_at_r(seen, y_seen), "seen_recall_at_1": recall_at_1(seen, y_seen)}
+    return {
+        "map_at_r": map_at_r(emb, y_test),
+        "recall_at_1": recall_at_1(emb, y_test),
+        "seen_map_at_r": map_at_r(seen, y_seen),
+        "seen_recall_at_1": recall_at_1(seen, y_seen),
+    }
 
 
 def train_run(name: str, args, data, env) -> list:
@@ -271,11 +307,22 @@ def train_run(name: str, args, data, env) -> list:
     augment_generator = torch.Generator().manual_seed(args.seed + 1)
     local = args.batch_size // env["world_size"]
     memory = 0 if name.startswith("pml-") else args.memory_size
-    base = {"loss_name": name, "batch_size": args.batch_size, "m_per_class": args.m_per_class,
-            "memory_size": memory, "world_size": env["world_size"],
-            "backend": "pml" if name.startswith("pml-") else args.backend, "options": describe(name, args),
-            "seed": args.seed, "arch": args.arch, "augment": args.augment, "lr": args.lr,
-            "epoch_seconds": "", "loss_seconds": "", "train_loss": ""}
+    base = {
+        "loss_name": name,
+        "batch_size": args.batch_size,
+        "m_per_class": args.m_per_class,
+        "memory_size": memory,
+        "world_size": env["world_size"],
+        "backend": "pml" if name.startswith("pml-") else args.backend,
+        "options": describe(name, args),
+        "seed": args.seed,
+        "arch": args.arch,
+        "augment": args.augment,
+        "lr": args.lr,
+        "epoch_seconds": "",
+        "loss_seconds": "",
+        "train_loss": "",
+    }
     rows = [dict(base, epoch=0, **evaluate(model, data))]
     show = env["rank"] == 0 and not args.no_progress and sys.stderr.isatty()
     for epoch in range(1, args.epochs + 1):
@@ -303,8 +350,16 @@ def train_run(name: str, args, data, env) -> list:
             total += loss.item()
         _sync(env["device"])
         epoch_seconds = time.perf_counter() - start
-        rows.append(dict(base, epoch=epoch, **evaluate(model, data), epoch_seconds=epoch_seconds,
-                         loss_seconds=loss_seconds, train_loss=total / max(len(batches), 1)))
+        rows.append(
+            dict(
+                base,
+                epoch=epoch,
+                **evaluate(model, data),
+                epoch_seconds=epoch_seconds,
+                loss_seconds=loss_seconds,
+                train_loss=total / max(len(batches), 1),
+            )
+        )
     return rows
 
 
@@ -326,8 +381,14 @@ def plot_curves(rows: list, path: Path) -> None:
         epochs = [r["epoch"] for r in run]
         for ax, key in zip(axes, ("map_at_r", "recall_at_1")):
             ax.plot(epochs, [r[key] for r in run], marker="o", color=f"C{i}", label=f"{label}, unseen 5-9")
-            ax.plot(epochs, [r["seen_" + key] for r in run], marker="x", linestyle="--", color=f"C{i}",
-                    label=f"{label}, seen 0-4 (held out)")
+            ax.plot(
+                epochs,
+                [r["seen_" + key] for r in run],
+                marker="x",
+                linestyle="--",
+                color=f"C{i}",
+                label=f"{label}, seen 0-4 (held out)",
+            )
     for ax, title in zip(axes, ("MAP@R", "Recall@1")):
         ax.set_xlabel("epoch")
         ax.set_ylabel(title)
@@ -341,67 +402,94 @@ def plot_curves(rows: list, path: Path) -> None:
 
 def summary(name: str, run: list) -> str:
     """The final line of a run: last and untrained metrics, median epoch and loss time."""
+
     def median(key):
         values = sorted(r[key] for r in run[1:]) or [0.0]
         return (values[(len(values) - 1) // 2] + values[len(values) // 2]) / 2
 
     def metrics(r):
-        return (f"unseen MAP@R {r['map_at_r']:.3f} R@1 {r['recall_at_1']:.3f} | "
-                f"seen MAP@R {r['seen_map_at_r']:.3f} R@1 {r['seen_recall_at_1']:.3f}")
+        return (
+            f"unseen MAP@R {r['map_at_r']:.3f} R@1 {r['recall_at_1']:.3f} | "
+            f"seen MAP@R {r['seen_map_at_r']:.3f} R@1 {r['seen_recall_at_1']:.3f}"
+        )
 
-    return (f"{name}: {metrics(run[-1])} (epoch 0: {metrics(run[0])}; "
-            f"median {median('epoch_seconds'):.3f} s/epoch, loss {median('loss_seconds'):.3f} s/epoch)")
+    return (
+        f"{name}: {metrics(run[-1])} (epoch 0: {metrics(run[0])}; "
+        f"median {median('epoch_seconds'):.3f} s/epoch, loss {median('loss_seconds'):.3f} s/epoch)"
+    )
 
 
 # ----------------------------------------------------------------------------- entry point
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--loss", nargs="+", choices=LOSSES, default=["pnp"], help="one run per loss, same seed")
     p.add_argument("--variant", default="Dq", choices=list(PML_VARIANTS), help="PNP variant")
     p.add_argument("--anneal", type=float, default=0.01, help="PNP sigmoid temperature")
     p.add_argument("--alpha", type=float, default=1.0, help="exponent of the Dq variant")
     p.add_argument("--b", type=float, default=2.0, help="slope of the Ib variant")
     p.add_argument("--temperature", type=float, default=0.01, help="Smooth-AP sigmoid temperature")
-    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=40, help="global batch size")
     p.add_argument("--m-per-class", type=int, default=8, help="samples per class in a batch")
     p.add_argument("--max-batches", type=int, default=None, help="cap on batches per epoch (quick runs)")
-    p.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate")
-    p.add_argument("--arch", default="conv", choices=tuple(ARCHS),
-                   help="conv: GroupNorm convnet with global average pooling on 16x16; mlp: 64 -> 128 -> 64")
-    p.add_argument("--augment", type=float, default=0.5,
-                   help="random affine strength (1: rotate <= 15 deg, scale 1 +- 0.15, shift <= 1 px); 0: off")
+    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
+    p.add_argument(
+        "--arch",
+        default="conv",
+        choices=tuple(ARCHS),
+        help="conv: GroupNorm convnet with global average pooling on 16x16; mlp: 64 -> 128 -> 64",
+    )
+    p.add_argument(
+        "--augment",
+        type=float,
+        default=0.5,
+        help="random affine strength (1: rotate <= 15 deg, scale 1 +- 0.15, shift <= 1 px); 0: off",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--memory-size", type=int, default=0,
-                   help="wrap our losses in pnp_kernels.CrossBatchMemory of this many embeddings (0: off)")
+    p.add_argument(
+        "--memory-size",
+        type=int,
+        default=0,
+        help="wrap our losses in pnp_kernels.CrossBatchMemory of this many embeddings (0: off)",
+    )
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "ext", "triton"), help="our losses' backend")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="digits_out", help="output directory")
-    p.add_argument("--distributed", action="store_true",
-                   help="data parallel over the processes of torchrun (gloo on CPU, NCCL on CUDA)")
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="data parallel over the processes of torchrun (gloo on CPU, NCCL on CUDA)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
 
 def check_args(args, n_train_classes: int, class_sizes: list, world_size: int) -> None:
     """Exit with a clear message on options that cannot work, before anything runs."""
+
     def fail(msg):
         raise SystemExit(f"train_digits.py: {msg}")
+
     k, m, batch = args.batch_size // max(args.m_per_class, 1), args.m_per_class, args.batch_size
     if m < 2 or batch % m:
         fail(f"--batch-size {batch} must be a multiple of --m-per-class {m} >= 2")
     if not 2 <= k <= n_train_classes:
-        fail(f"a batch has {k} classes (--batch-size / --m-per-class); the training split has "
-             f"{n_train_classes}: use 2 to {n_train_classes} classes per batch")
+        fail(
+            f"a batch has {k} classes (--batch-size / --m-per-class); the training split has "
+            f"{n_train_classes}: use 2 to {n_train_classes} classes per batch"
+        )
     if m > min(class_sizes):
         fail(f"--m-per-class {m} exceeds the smallest training class ({min(class_sizes)} samples)")
     if batch % world_size:
         fail(f"--batch-size {batch} must be divisible by the number of processes ({world_size})")
     if "pml-smooth-ap" in args.loss and k != m:
-        fail(f"pml-smooth-ap: pytorch-metric-learning's SmoothAPLoss groups a (sorted) batch in blocks of "
-             f"(number of classes) rows, so it is only correct for as many classes as samples per class; "
-             f"this batch has {k} classes x {m}: use e.g. --batch-size 25 --m-per-class 5")
+        fail(
+            f"pml-smooth-ap: pytorch-metric-learning's SmoothAPLoss groups a (sorted) batch in blocks of "
+            f"(number of classes) rows, so it is only correct for as many classes as samples per class; "
+            f"this batch has {k} classes x {m}: use e.g. --batch-size 25 --m-per-class 5"
+        )
     if args.epochs < 0 or args.memory_size < 0 or (args.max_batches is not None and args.max_batches < 1):
         fail("--epochs and --memory-size must be >= 0, --max-batches >= 1")
     if not 0 <= args.augment <= 2:
@@ -415,21 +503,24 @@ def setup_distributed(args) -> dict:
     if not args.distributed:
         return {"rank": 0, "world_size": 1, "device": torch.device(args.device)}
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        raise SystemExit("--distributed: launch with torchrun, e.g. "
-                         "torchrun --standalone --nproc_per_node 2 examples/train_digits.py --distributed")
+        raise SystemExit(
+            "--distributed: launch with torchrun, e.g. "
+            "torchrun --standalone --nproc_per_node 2 examples/train_digits.py --distributed"
+        )
     if "distributed" not in inspect.signature(pnp_kernels.pnp_loss).parameters:
         raise SystemExit("--distributed: this pnp_kernels has no distributed mode (pnp_loss(distributed=...))")
     pml = [name for name in args.loss if name.startswith("pml-")]
     if pml:
-        raise SystemExit(f"--distributed: {', '.join(pml)} not supported: pytorch-metric-learning's losses only "
-                         "see the local batch; use pnp / smooth-ap")
+        raise SystemExit(
+            f"--distributed: {', '.join(pml)} not supported: pytorch-metric-learning's losses only "
+            "see the local batch; use pnp / smooth-ap"
+        )
     device = torch.device(args.device)
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return {"rank": torch.distributed.get_rank(), "world_size": torch.distributed.get_world_size(),
-            "device": device}
+    return {"rank": torch.distributed.get_rank(), "world_size": torch.distributed.get_world_size(), "device": device}
 
 
 def main(argv=None) -> int:
@@ -448,8 +539,10 @@ def main(argv=None) -> int:
         if args.max_batches is not None:
             args.num_batches = min(args.num_batches, args.max_batches)
         device = env["device"]
-        data = tuple((as_images(x, args.arch).to(device), y.to(device))
-                     for x, y in ((x_train, y_train), (x_test, y_test), (x_seen, y_seen)))
+        data = tuple(
+            (as_images(x, args.arch).to(device), y.to(device))
+            for x, y in ((x_train, y_train), (x_test, y_test), (x_seen, y_seen))
+        )
         out = Path(args.out)
         if env["rank"] == 0:
             out.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,6 @@
 """examples/train_digits.py: its metrics against pytorch-metric-learning's, its sampler,
 a short in-process run and a 2-process torchrun run (same curves as one process)."""
+
 import csv
 import inspect
 import math
@@ -36,7 +37,8 @@ def _check_outputs(out, losses, epochs):
     assert (out / "curves.png").stat().st_size > 0
     assert [(r["loss_name"], int(r["epoch"])) for r in rows] == [(n, e) for n in losses for e in range(epochs + 1)]
     for r in rows:
-        assert 0.0 <= float(r["map_at_r"]) <= 1.0 and 0.0 <= float(r["recall_at_1"]) <= 1.0
+        for key in ("map_at_r", "recall_at_1", "seen_map_at_r", "seen_recall_at_1"):
+            assert 0.0 <= float(r[key]) <= 1.0, (key, r)
         if int(r["epoch"]) > 0:
             assert float(r["epoch_seconds"]) >= float(r["loss_seconds"]) > 0.0
             assert math.isfinite(float(r["train_loss"]))
@@ -73,9 +75,12 @@ def _pml_metrics(emb, labels):
     from pytorch_metric_learning.distances import CosineSimilarity
     from pytorch_metric_learning.utils.inference import CustomKNN
 
-    calc = acc.AccuracyCalculator(include=("mean_average_precision_at_r", "precision_at_1"),
-                                  device=torch.device("cpu"), knn_func=CustomKNN(CosineSimilarity()),
-                                  kmeans_func=lambda *a: None)
+    calc = acc.AccuracyCalculator(
+        include=("mean_average_precision_at_r", "precision_at_1"),
+        device=torch.device("cpu"),
+        knn_func=CustomKNN(CosineSimilarity()),
+        kmeans_func=lambda *a: None,
+    )
     got = calc.get_accuracy(emb.float(), labels, emb.float(), labels, ref_includes_query=True)
     return got["mean_average_precision_at_r"], got["precision_at_1"]
 
@@ -104,6 +109,30 @@ def test_sampler_batches_are_m_per_class_and_reproducible():
     # one pass of 154 // 25 = 6 batches of 5 x 5 draws every class without repeats
     full = torch.cat(list(td.MPerClassBatches(labels, 25, 5, num_batches=6, seed=0)))
     assert len(full.unique()) == 150
+
+
+# ----------------------------------------------------------------------------- data
+def test_seen_class_test_split_is_fixed_disjoint_and_a_quarter():
+    pytest.importorskip("sklearn")
+    (x_tr, y_tr), (x_te, y_te), (x_se, y_se) = td.load_digits_split()
+    again = td.load_digits_split()
+    assert torch.equal(x_se, again[2][0]) and torch.equal(x_tr, again[0][0])
+    assert set(y_te.tolist()) == {5, 6, 7, 8, 9} and set(y_se.tolist()) == set(y_tr.tolist()) == {0, 1, 2, 3, 4}
+    for c in td.TRAIN_CLASSES:
+        n_seen, n_train = int((y_se == c).sum()), int((y_tr == c).sum())
+        assert n_seen == round(0.25 * (n_seen + n_train))
+    # no held-out image is a training image (the digits data has no exact duplicates across these rows)
+    assert not (torch.cdist(x_se, x_tr).min(dim=1).values == 0).any()
+    assert len(y_tr) + len(y_te) + len(y_se) == 1797
+
+
+def test_augmentation_is_seeded_and_identity_at_zero():
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert torch.equal(td.random_affine(6, 0.5, g1), td.random_affine(6, 0.5, g2))
+    img = td.as_images(torch.rand(4, 64), "conv")
+    assert img.shape == (4, 1, 16, 16)
+    same = td.warp(img, td.random_affine(4, 0.0, g1))
+    assert torch.allclose(same, img, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- runs
@@ -139,9 +168,11 @@ def test_smooth_ap_square_batches_and_memory(tmp_path):
 
 def test_bad_options_exit_with_a_message(monkeypatch):
     pytest.importorskip("sklearn")
-    for argv, words in ((["--loss", "pml-smooth-ap"], "--batch-size 25 --m-per-class 5"),
-                        (["--batch-size", "60", "--m-per-class", "10"], "6 classes"),
-                        (["--batch-size", "42", "--m-per-class", "8"], "multiple")):
+    for argv, words in (
+        (["--loss", "pml-smooth-ap"], "--batch-size 25 --m-per-class 5"),
+        (["--batch-size", "60", "--m-per-class", "10"], "6 classes"),
+        (["--batch-size", "42", "--m-per-class", "8"], "multiple"),
+    ):
         with pytest.raises(SystemExit, match=words):
             td.main(argv + ["--out", "unused"])
     # refused before torch.distributed is initialised (as under torchrun: RANK and WORLD_SIZE set)
@@ -158,11 +189,23 @@ def test_torchrun_two_processes_match_one(tmp_path):
         pytest.skip("pnp_kernels.pnp_loss has no distributed mode yet")
     options = ["--loss", "pnp", "smooth-ap", "--memory-size", "80", *TINY]
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "examples" / "train_digits.py"), "--distributed", *options, "--out", str(tmp_path / "ddp")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(ROOT / "examples" / "train_digits.py"),
+        "--distributed",
+        *options,
+        "--out",
+        str(tmp_path / "ddp"),
+    ]
     # own session, so that a hang kills torchrun and both workers, never leaves them behind
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         output, _ = proc.communicate(timeout=120)
     except subprocess.TimeoutExpired:

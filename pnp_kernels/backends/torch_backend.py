@@ -84,57 +84,66 @@ class TorchBackend(Backend):
             pcols = (lo_c[:, None] + t[None, :]).clamp(max=n_cols - 1)
             w = torch.where(valid, 1.0 / cnt_c.clamp(min=1).to(S.dtype), torch.zeros_like(cnt_c, dtype=S.dtype))
             in_seg = (cols[None, :] >= lo_c[:, None]) & (cols[None, :] < hi_c[:, None])  # (m, n)
-            loss_c, W = tile(S[r0:r1] / spec.anneal, pcols, pmask, in_seg, w, spec, compute_grad)
+            loss_c, W, W_pp = tile(S[r0:r1] / spec.anneal, pcols, pmask, in_seg, w, spec, compute_grad)
             out[r0:r1] = loss_c
             if G is not None and W is not None:
-                # W[p, j, k] = d loss_p / d x_pjk; x_pjk = (S_pk - S_pj) / tau, so column k gets
-                # sum_j W_pjk / tau and positive column j gets -sum_k W_pjk / tau.
+                # W[p, j, k] = d loss_p / d x_pjk over the negatives k, W_pp[p, j, t] over the positive
+                # lanes t (Smooth-AP); x_pjk = (S_pk - S_pj) / tau, so column k gets sum_j W_pjk / tau
+                # and positive column j gets -sum_k W_pjk / tau.
                 G_ext = torch.zeros(r1 - r0, n_cols + p_max, dtype=S.dtype, device=S.device)
                 G_ext[:, :n_cols] = W.sum(dim=1) / spec.anneal
+                at_pos = -W.sum(dim=2)
+                if W_pp is not None:
+                    at_pos = at_pos + W_pp.sum(dim=1) - W_pp.sum(dim=2)
                 # Padded lanes go to spare columns n + t, so every index is unique (deterministic).
                 dst = torch.where(pmask, lo_c[:, None] + t[None, :], n_cols + t[None, :])
-                G_ext.scatter_(1, dst, G_ext.gather(1, dst) - W.sum(dim=2) / spec.anneal)
+                G_ext.scatter_(1, dst, G_ext.gather(1, dst) + at_pos / spec.anneal)
                 G[r0:r1] = G_ext[:, :n_cols]
         return out, G
 
 
-def _pnp_tile(S_c, pcols, pmask, in_seg, w, spec: LossSpec, compute_grad: bool):
-    """PNP on one chunk of rows: (row losses, W = d loss / d x or None)."""
-    v = spec.variant
+def _negatives(S_c, pcols, in_seg):
+    """(x, sigmoid(x)) over the negatives: x[p, j, k] = (S_pk - S_pj) / tau, -inf at the
+    positive columns, where sigmoid and sigma' are then exactly 0 (no mask on the tile)."""
     s_pos = S_c.gather(1, pcols)  # S_pj / tau, (m, P)
-    # Non-negatives at -inf: their sigmoid is exactly 0 (and sigma' too), no mask on the tile.
-    S_neg = S_c.masked_fill(in_seg, float("-inf"))
-    x = S_neg[:, None, :] - s_pos[:, :, None]  # (m, P, n)
-    sig = torch.sigmoid(x)
+    x = S_c.masked_fill(in_seg, float("-inf"))[:, None, :] - s_pos[:, :, None]  # (m, P, n)
+    return s_pos, x, torch.sigmoid(x)
+
+
+def _pnp_tile(S_c, pcols, pmask, in_seg, w, spec: LossSpec, compute_grad: bool):
+    """PNP on one chunk of rows: (row losses, W = d loss / d x over the negatives or None, None)."""
+    v = spec.variant
+    _, x, sig = _negatives(S_c, pcols, in_seg)
     R = sig.sum(dim=-1)  # (m, P)
     pm = pmask.to(S_c.dtype)
     loss = (v.f(R, spec.alpha, spec.b) * pm).sum(dim=1) * w
     if not compute_grad:
-        return loss, None
+        return loss, None, None
     coef = v.df(R, spec.alpha, spec.b) * pm * w[:, None]  # d loss_p / d R_pj
     # sigma'(x) = sigma(x) sigma(-x): exact in both tails, unlike s (1 - s).
     sp = torch.sigmoid(x.neg_()).mul_(sig)
-    return loss, sp.mul_(coef[:, :, None])
+    return loss, sp.mul_(coef[:, :, None]), None
 
 
 def _smooth_ap_tile(S_c, pcols, pmask, in_seg, w, spec: LossSpec, compute_grad: bool):
-    """Smooth-AP on one chunk of rows: (row losses, W = d loss / d x or None)."""
-    s_pos = S_c.gather(1, pcols)
-    x = S_c[:, None, :] - s_pos[:, :, None]  # (m, P, n), every column
-    sig = torch.sigmoid(x)
-    neg_mask = (~in_seg)[:, None, :].to(S_c.dtype)  # (m, 1, n)
-    cols = torch.arange(S_c.shape[1], device=S_c.device)
-    # positives k != j (j is the lane's column)
-    pos_mask = (in_seg[:, None, :] & (cols[None, None, :] != pcols[:, :, None])).to(S_c.dtype)
-    neg = (sig * neg_mask).sum(dim=-1)  # (m, P), summed directly: 0 exactly with no negatives
-    pos = 1.0 + (sig * pos_mask).sum(dim=-1)
+    """Smooth-AP on one chunk of rows: (row losses, W over the negatives, W_pp over the
+    positive lanes), or (row losses, None, None) without gradient."""
+    s_pos, x, sig = _negatives(S_c, pcols, in_seg)
+    neg = sig.sum(dim=-1)  # (m, P), summed directly: exactly 0 without negatives
+    # the P x P block of the positives: x_pp[p, j, t] = (S_pt - S_pj) / tau over lanes t != j
+    P = pmask.shape[1]
+    pair = pmask[:, None, :] & ~torch.eye(P, dtype=torch.bool, device=S_c.device)[None]
+    x_pp = s_pos[:, None, :] - s_pos[:, :, None]
+    sig_pp = torch.sigmoid(x_pp).masked_fill_(~pair, 0.0)
+    pos = 1.0 + sig_pp.sum(dim=-1)
     all_ = pos + neg
     pm = pmask.to(S_c.dtype)
     loss = (neg / all_ * pm).sum(dim=1) * w
     if not compute_grad:
-        return loss, None
+        return loss, None, None
     scale = pm * w[:, None] / (all_ * all_)
     a = (pos * scale)[:, :, None]  # d loss / d neg_j
     b = (neg * scale)[:, :, None]  # -d loss / d pos_j
-    sp = torch.sigmoid(x.neg_()).mul_(sig)
-    return loss, sp.mul_(a * neg_mask - b * pos_mask)
+    sp = torch.sigmoid(x.neg_()).mul_(sig).mul_(a)
+    sp_pp = torch.sigmoid(x_pp.neg_()).mul_(sig_pp).mul_(-b)
+    return loss, sp, sp_pp

@@ -29,6 +29,7 @@ run its own number of rounds (key rounds, e.g. pml-smooth-ap:rounds=3, for one t
 takes seconds); it then takes part in the first that many rounds only, and its
 per-round ratios use those rounds.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,9 +66,18 @@ def run(args) -> dict:
     """{label: samples in seconds} of the interleaved rounds, and prints the table."""
     device = torch.device(args.device)
     specs = [parse_provider(s) for s in args.providers]
-    base = harness.Case(B=args.B, D=args.D, P=args.P, M=args.M or None, seed=args.seed, variant=args.variant,
-                        anneal=args.anneal, temperature=args.temperature, compile_max_B=args.compile_max_B,
-                        sorted_labels=args.sorted_labels)
+    base = harness.Case(
+        B=args.B,
+        D=args.D,
+        P=args.P,
+        M=args.M or None,
+        seed=args.seed,
+        variant=args.variant,
+        anneal=args.anneal,
+        temperature=args.temperature,
+        compile_max_B=args.compile_max_B,
+        sorted_labels=args.sorted_labels,
+    )
     base = providers.case_for([n for n, _ in specs], base)
     inputs, steps, rounds, cases = {}, {}, {}, {}
     for spec, (name, over) in zip(args.providers, specs):
@@ -92,16 +102,20 @@ def run(args) -> dict:
             fn()
     for r in range(args.rounds):
         live = [s for s in steps if r < rounds[s]]
-        got = harness.interleave({s: steps[s] for s in live[r % len(live):] + live[:r % len(live)]}, device, 1, 0)
+        got = harness.interleave({s: steps[s] for s in live[r % len(live) :] + live[: r % len(live)]}, device, 1, 0)
         for s, v in got.items():
             samples[s] += v
 
     who = harness.cpu_model() if device.type == "cpu" else torch.cuda.get_device_name(device)
-    print(f"# A/B fwd+bwd, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}, {who}, "
-          f"torch {torch.__version__}, python {platform.python_version()}, threads {torch.get_num_threads()}")
-    print(f"{base.dtype}, variant {args.variant}, anneal {args.anneal}, temperature {args.temperature}, labels "
-          f"{'class-sorted' if base.sorted_labels else 'shuffled'}, {args.rounds} interleaved rounds after "
-          f"{args.warmup} warm-ups")
+    print(
+        f"# A/B fwd+bwd, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}, {who}, "
+        f"torch {torch.__version__}, python {platform.python_version()}, threads {torch.get_num_threads()}"
+    )
+    print(
+        f"{base.dtype}, variant {args.variant}, anneal {args.anneal}, temperature {args.temperature}, labels "
+        f"{'class-sorted' if base.sorted_labels else 'shuffled'}, {args.rounds} interleaved rounds after "
+        f"{args.warmup} warm-ups"
+    )
     for s in steps:
         c = cases[s]
         m = f", M = {c.n_ref}" if providers.uses_reference_set(parse_provider(s)[0]) else ""
@@ -114,8 +128,12 @@ def run(args) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--providers", nargs="+", default=["torch", "ext"],
-                    help="two or more NAME[:key=value,...]; the first is the baseline")
+    ap.add_argument(
+        "--providers",
+        nargs="+",
+        default=["torch", "ext"],
+        help="two or more NAME[:key=value,...]; the first is the baseline",
+    )
     ap.add_argument("--B", type=int, default=384, help="batch size (queries in reference-set mode)")
     ap.add_argument("--D", type=int, default=128)
     ap.add_argument("--P", type=int, default=4, help="samples per class")

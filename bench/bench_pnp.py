@@ -41,6 +41,7 @@ Outputs: one line per configuration as it runs, a markdown table with the ratios
 (x ref, x pml = their fwd+bwd time / this one; / floor = this one / the GEMM floor's),
 and CSV, markdown and a PNG in --out (default bench/out/, git-ignored).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,18 +62,30 @@ SQUARE_PNP = ["gemm-floor", "reference", "reference-compiled", "pml", "torch", "
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="See the module docstring for exactly what is measured.")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="See the module docstring for exactly what is measured.",
+    )
     p.add_argument("--list", action="store_true", help="list the providers and exit")
     p.add_argument("--B", type=int, nargs="+", default=[128, 384, 512], help="batch sizes (queries)")
     p.add_argument("--D", type=int, nargs="+", default=[128])
     p.add_argument("--P", type=int, nargs="+", default=[4], help="samples per class")
-    p.add_argument("--M", type=int, nargs="+", default=[0],
-                   help="reference rows for the refset-* providers (0: 8 B); ignored by the others")
+    p.add_argument(
+        "--M",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="reference rows for the refset-* providers (0: 8 B); ignored by the others",
+    )
     p.add_argument("--dtype", nargs="+", default=["float32"], choices=list(harness.DTYPES))
-    p.add_argument("--providers", nargs="+", default=None, choices=providers.NAMES,
-                   help="default: the square PNP providers usable on the device")
+    p.add_argument(
+        "--providers",
+        nargs="+",
+        default=None,
+        choices=providers.NAMES,
+        help="default: the square PNP providers usable on the device",
+    )
     p.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda when available)")
     p.add_argument("--variant", default="O")
     p.add_argument("--anneal", type=float, default=0.01)
@@ -90,10 +103,18 @@ def parse_args(argv=None):
     p.add_argument("--compile-max-B", type=int, default=512, help="reference-compiled only up to this B")
     p.add_argument("--no-mem", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--in-process", action="store_true", help="CPU: measure in this process (no subprocess isolation)")
-    p.add_argument("--cpu-mem-limit-gb", type=float, default=None,
-                   help="CPU workers: RLIMIT_DATA in GiB (default 85%% of MemAvailable; 0 = none)")
-    p.add_argument("--wait-idle", type=float, default=120.0,
-                   help="CPU: wait up to this many seconds for idle CPUs before each measurement (0 = never)")
+    p.add_argument(
+        "--cpu-mem-limit-gb",
+        type=float,
+        default=None,
+        help="CPU workers: RLIMIT_DATA in GiB (default 85%% of MemAvailable; 0 = none)",
+    )
+    p.add_argument(
+        "--wait-idle",
+        type=float,
+        default=120.0,
+        help="CPU: wait up to this many seconds for idle CPUs before each measurement (0 = never)",
+    )
     p.add_argument("--retries", type=int, default=1, help="CPU: re-time a contended configuration this many times")
     p.add_argument("--worker-timeout", type=float, default=1800.0, help="CPU: seconds before a worker is killed")
     p.add_argument("--out", default=os.path.join(harness.HERE, "out"))
@@ -105,9 +126,20 @@ def parse_args(argv=None):
 
 
 def _case(args, B, D, P, M, dtype) -> harness.Case:
-    return harness.Case(B=B, D=D, P=P, dtype=dtype, M=M or None, ref_grad=args.ref_grad,
-                        sorted_labels=args.sorted_labels, seed=args.seed, variant=args.variant,
-                        anneal=args.anneal, temperature=args.temperature, compile_max_B=args.compile_max_B)
+    return harness.Case(
+        B=B,
+        D=D,
+        P=P,
+        dtype=dtype,
+        M=M or None,
+        ref_grad=args.ref_grad,
+        sorted_labels=args.sorted_labels,
+        seed=args.seed,
+        variant=args.variant,
+        anneal=args.anneal,
+        temperature=args.temperature,
+        compile_max_B=args.compile_max_B,
+    )
 
 
 def _timing(args) -> harness.Timing:
@@ -149,16 +181,48 @@ def measure(kind: str, name: str, case: harness.Case, device, args) -> dict:
 
 
 def _worker_cmd(kind, name, case: harness.Case, device, args) -> list:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--device", str(device),
-           "--B", str(case.B), "--D", str(case.D), "--P", str(case.P), "--M", str(case.M or 0),
-           "--dtype", case.dtype, "--providers", name]
-    for k in ("variant", "anneal", "temperature", "seed", "repeats", "time_cap", "budget", "compile_max_B",
-              "warmup_ms", "rep_ms", "threads"):
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        kind,
+        "--device",
+        str(device),
+        "--B",
+        str(case.B),
+        "--D",
+        str(case.D),
+        "--P",
+        str(case.P),
+        "--M",
+        str(case.M or 0),
+        "--dtype",
+        case.dtype,
+        "--providers",
+        name,
+    ]
+    for k in (
+        "variant",
+        "anneal",
+        "temperature",
+        "seed",
+        "repeats",
+        "time_cap",
+        "budget",
+        "compile_max_B",
+        "warmup_ms",
+        "rep_ms",
+        "threads",
+    ):
         v = getattr(args, k)
         if v is not None:
             cmd += [f"--{k.replace('_', '-')}", str(v)]
-    for flag, on in (("--tf32", args.tf32), ("--verbose", args.verbose), ("--ref-grad", case.ref_grad),
-                     ("--sorted-labels", case.sorted_labels)):
+    for flag, on in (
+        ("--tf32", args.tf32),
+        ("--verbose", args.verbose),
+        ("--ref-grad", case.ref_grad),
+        ("--sorted-labels", case.sorted_labels),
+    ):
         if on:
             cmd.append(flag)
     return cmd
@@ -194,28 +258,39 @@ def main(argv=None) -> list:
     names = sorted(dict.fromkeys(names), key=providers.NAMES.index)  # floor and references first
     if any(providers.get(n).sorted_labels for n in names):
         args.sorted_labels = True
-    mem_method = ("skipped" if args.no_mem else
-                  "VmHWM (clear_refs) minus RSS, fresh subprocess, MALLOC_MMAP_THRESHOLD_=65536" if isolate else
-                  "cuda max_memory_allocated above the inputs" if device.type == "cuda" else
-                  "VmHWM/ru_maxrss in-process (allocator reuse may hide part of the peak)")
-    timing = ("triton.testing.do_bench median" if device.type == "cuda" else
-              f"perf_counter median, 1 warm-up + up to {args.repeats} calls, "
-              + ("fresh subprocess per provider/config" if isolate else "in-process"))
-    header = report.header_lines("Loss benchmark", [
-        f"device: {harness.device_name(device)}",
-        harness.versions(),
-        f"TF32 {'on' if args.tf32 else 'off'}, variant {args.variant}, anneal {args.anneal}, Smooth-AP temperature "
-        f"{args.temperature}, cosine similarity, labels: P per class, "
-        f"{'class-sorted' if args.sorted_labels else 'shuffled'}, seed {args.seed}",
-        f"timing: {timing}; peak: {mem_method}",
-    ])
+    mem_method = (
+        "skipped"
+        if args.no_mem
+        else "VmHWM (clear_refs) minus RSS, fresh subprocess, MALLOC_MMAP_THRESHOLD_=65536"
+        if isolate
+        else "cuda max_memory_allocated above the inputs"
+        if device.type == "cuda"
+        else "VmHWM/ru_maxrss in-process (allocator reuse may hide part of the peak)"
+    )
+    timing = (
+        "triton.testing.do_bench median"
+        if device.type == "cuda"
+        else f"perf_counter median, 1 warm-up + up to {args.repeats} calls, "
+        + ("fresh subprocess per provider/config" if isolate else "in-process")
+    )
+    header = report.header_lines(
+        "Loss benchmark",
+        [
+            f"device: {harness.device_name(device)}",
+            harness.versions(),
+            f"TF32 {'on' if args.tf32 else 'off'}, variant {args.variant}, anneal {args.anneal}, Smooth-AP temperature "
+            f"{args.temperature}, cosine similarity, labels: P per class, "
+            f"{'class-sorted' if args.sorted_labels else 'shuffled'}, seed {args.seed}",
+            f"timing: {timing}; peak: {mem_method}",
+        ],
+    )
     print("\n".join(header), flush=True)
 
     rows, oom_at = [], {}
     for dtype, D, P, B in ((t, d, p, b) for t in args.dtype for d in args.D for p in args.P for b in sorted(args.B)):
         for name in names:
             refset = providers.uses_reference_set(name)
-            for M in (args.M if refset else [0]):
+            for M in args.M if refset else [0]:
                 case = _case(args, B, D, P, M, dtype)
                 case = dataclasses.replace(case, M=case.n_ref if refset else None)
                 r = {"provider": name, "B": B, "D": D, "P": P, "M": case.M or "", "dtype": dtype, "status": "ok"}
@@ -248,8 +323,14 @@ def main(argv=None) -> list:
 def _run(kind, name, case, device, args, isolate) -> dict:
     if not isolate:
         return measure(kind, name, case, device, args)
-    return harness.run_worker(_worker_cmd(kind, name, case, device, args), kind == "mem", args.cpu_mem_limit_gb,
-                              args.worker_timeout, args.retries, args.wait_idle)
+    return harness.run_worker(
+        _worker_cmd(kind, name, case, device, args),
+        kind == "mem",
+        args.cpu_mem_limit_gb,
+        args.worker_timeout,
+        args.retries,
+        args.wait_idle,
+    )
 
 
 if __name__ == "__main__":

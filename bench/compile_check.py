@@ -18,6 +18,7 @@ and spills per kernel. A CPU-only torch wheel lacks one
 generated header (c10/cuda/impl/cuda_cmake_macros.h); a one-line stand-in is put on
 the include path for this compile-only check (nothing is linked or loaded).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,49 +40,172 @@ def _specializations(tb):
     rows.append((LOSS_SMOOTH_AP, 0, "smooth_ap"))
     for kind, variant, label in rows:
         for grad in (False, True):
-            sig = {"S_ptr": "*fp32", "stride_s": i32, "lo_ptr": "*i32", "hi_ptr": "*i32", "loss_ptr": "*fp32",
-                   "G_ptr": "*fp32", "stride_g": i32, "n_cols": i32, "scale": f32, "inv_tau": f32,
-                   "alpha": f32, "b": f32, "LOSS": "constexpr", "VARIANT": "constexpr", "COMPUTE_GRAD": "constexpr",
-                   "TILE": "constexpr", "BLOCK_S": "constexpr"}
-            out.append((f"_rows_kernel[{label},grad={grad}]", tb._rows_kernel, sig,
-                        {"LOSS": kind, "VARIANT": variant, "COMPUTE_GRAD": grad, "TILE": tb._tile(),
-                         "BLOCK_S": tb.SEGMENT_BLOCK}))
+            sig = {
+                "S_ptr": "*fp32",
+                "stride_s": i32,
+                "lo_ptr": "*i32",
+                "hi_ptr": "*i32",
+                "loss_ptr": "*fp32",
+                "G_ptr": "*fp32",
+                "stride_g": i32,
+                "n_cols": i32,
+                "scale": f32,
+                "inv_tau": f32,
+                "alpha": f32,
+                "b": f32,
+                "LOSS": "constexpr",
+                "VARIANT": "constexpr",
+                "COMPUTE_GRAD": "constexpr",
+                "TILE": "constexpr",
+                "BLOCK_S": "constexpr",
+            }
+            out.append(
+                (
+                    f"_rows_kernel[{label},grad={grad}]",
+                    tb._rows_kernel,
+                    sig,
+                    {
+                        "LOSS": kind,
+                        "VARIANT": variant,
+                        "COMPUTE_GRAD": grad,
+                        "TILE": tb._tile(),
+                        "BLOCK_S": tb.SEGMENT_BLOCK,
+                    },
+                )
+            )
     for mode in (0, 1, 2):
-        sig = {"G_ptr": "*fp32", "stride_g": i32, "H_ptr": "*fp32", "stride_h": i32, "n": i32,
-               "g_ptr": "*fp32", "g_stride": i32, "perm_ptr": "*i64", "n_valid_ptr": "*fp32",
-               "MODE": "constexpr", "BLOCK": "constexpr"}
-        out.append((f"_symmetric_grad_kernel[mode={mode}]", tb._symmetric_grad_kernel, sig,
-                    {"MODE": mode, "BLOCK": 64}, {"num_warps": tb.SYMMETRIC_NUM_WARPS}))
+        sig = {
+            "G_ptr": "*fp32",
+            "stride_g": i32,
+            "H_ptr": "*fp32",
+            "stride_h": i32,
+            "n": i32,
+            "g_ptr": "*fp32",
+            "g_stride": i32,
+            "perm_ptr": "*i64",
+            "n_valid_ptr": "*fp32",
+            "MODE": "constexpr",
+            "BLOCK": "constexpr",
+        }
+        out.append(
+            (
+                f"_symmetric_grad_kernel[mode={mode}]",
+                tb._symmetric_grad_kernel,
+                sig,
+                {"MODE": mode, "BLOCK": 64},
+                {"num_warps": tb.SYMMETRIC_NUM_WARPS},
+            )
+        )
     for edtype in ("fp32", "fp16", "bf16"):
         for cosine in (True, False):
             BLOCK_R, BLOCK_D = 16, 128
-            sig = {"labels_ptr": "*i64", "perm_ptr": "*i64", "E_ptr": f"*{edtype}", "stride_er": i32,
-                   "stride_ec": i32, "Xs_ptr": "*fp32", "lo_ptr": "*i32", "hi_ptr": "*i32", "denom_ptr": "*fp32",
-                   "n": i32, "D": i32, "eps": f32, "COSINE": "constexpr", "BLOCK_R": "constexpr",
-                   "BLOCK_J": "constexpr", "BLOCK_D": "constexpr"}
-            out.append((f"_prep_count_kernel[{edtype},cosine={cosine}]", tb._prep_count_kernel, sig,
-                        {"COSINE": cosine, "BLOCK_R": BLOCK_R, "BLOCK_J": 128, "BLOCK_D": BLOCK_D}))
-            sig = {"sorted_ptr": "*i64", "perm_ptr": "*i64", "E_ptr": f"*{edtype}", "stride_er": i32,
-                   "stride_ec": i32, "Xs_ptr": "*fp32", "lo_ptr": "*i32", "hi_ptr": "*i32", "denom_ptr": "*fp32",
-                   "n": i32, "D": i32, "n_bits": i32, "eps": f32, "COSINE": "constexpr", "BLOCK_R": "constexpr",
-                   "BLOCK_D": "constexpr"}
-            out.append((f"_prep_kernel[{edtype},cosine={cosine}]", tb._prep_kernel, sig,
-                        {"COSINE": cosine, "BLOCK_R": BLOCK_R, "BLOCK_D": BLOCK_D}))
+            sig = {
+                "labels_ptr": "*i64",
+                "perm_ptr": "*i64",
+                "E_ptr": f"*{edtype}",
+                "stride_er": i32,
+                "stride_ec": i32,
+                "Xs_ptr": "*fp32",
+                "lo_ptr": "*i32",
+                "hi_ptr": "*i32",
+                "denom_ptr": "*fp32",
+                "n": i32,
+                "D": i32,
+                "eps": f32,
+                "COSINE": "constexpr",
+                "BLOCK_R": "constexpr",
+                "BLOCK_J": "constexpr",
+                "BLOCK_D": "constexpr",
+            }
+            out.append(
+                (
+                    f"_prep_count_kernel[{edtype},cosine={cosine}]",
+                    tb._prep_count_kernel,
+                    sig,
+                    {"COSINE": cosine, "BLOCK_R": BLOCK_R, "BLOCK_J": 128, "BLOCK_D": BLOCK_D},
+                )
+            )
+            sig = {
+                "sorted_ptr": "*i64",
+                "perm_ptr": "*i64",
+                "E_ptr": f"*{edtype}",
+                "stride_er": i32,
+                "stride_ec": i32,
+                "Xs_ptr": "*fp32",
+                "lo_ptr": "*i32",
+                "hi_ptr": "*i32",
+                "denom_ptr": "*fp32",
+                "n": i32,
+                "D": i32,
+                "n_bits": i32,
+                "eps": f32,
+                "COSINE": "constexpr",
+                "BLOCK_R": "constexpr",
+                "BLOCK_D": "constexpr",
+            }
+            out.append(
+                (
+                    f"_prep_kernel[{edtype},cosine={cosine}]",
+                    tb._prep_kernel,
+                    sig,
+                    {"COSINE": cosine, "BLOCK_R": BLOCK_R, "BLOCK_D": BLOCK_D},
+                )
+            )
             for has_perm in (True, False):
-                sig = {"dXs_ptr": "*fp32", "Xs_ptr": "*fp32", "denom_ptr": "*fp32", "perm_ptr": "*i64",
-                       "dE_ptr": f"*{edtype}", "stride_er": i32, "stride_ec": i32, "n": i32, "D": i32,
-                       "eps": f32, "out_max": f32, "COSINE": "constexpr", "SATURATE": "constexpr",
-                       "HAS_PERM": "constexpr", "BLOCK_R": "constexpr", "BLOCK_D": "constexpr"}
-                out.append((f"_unprep_kernel[{edtype},cosine={cosine},perm={has_perm}]", tb._unprep_kernel, sig,
-                            {"COSINE": cosine, "SATURATE": edtype == "fp16", "HAS_PERM": has_perm,
-                             "BLOCK_R": BLOCK_R, "BLOCK_D": BLOCK_D}))
+                sig = {
+                    "dXs_ptr": "*fp32",
+                    "Xs_ptr": "*fp32",
+                    "denom_ptr": "*fp32",
+                    "perm_ptr": "*i64",
+                    "dE_ptr": f"*{edtype}",
+                    "stride_er": i32,
+                    "stride_ec": i32,
+                    "n": i32,
+                    "D": i32,
+                    "eps": f32,
+                    "out_max": f32,
+                    "COSINE": "constexpr",
+                    "SATURATE": "constexpr",
+                    "HAS_PERM": "constexpr",
+                    "BLOCK_R": "constexpr",
+                    "BLOCK_D": "constexpr",
+                }
+                out.append(
+                    (
+                        f"_unprep_kernel[{edtype},cosine={cosine},perm={has_perm}]",
+                        tb._unprep_kernel,
+                        sig,
+                        {
+                            "COSINE": cosine,
+                            "SATURATE": edtype == "fp16",
+                            "HAS_PERM": has_perm,
+                            "BLOCK_R": BLOCK_R,
+                            "BLOCK_D": BLOCK_D,
+                        },
+                    )
+                )
     for mean in (True, False):
         for has_perm in (True, False):
-            sig = {"per_row_ptr": "*fp32", "lo_ptr": "*i32", "hi_ptr": "*i32", "perm_ptr": "*i64",
-                   "out_ptr": "*fp32", "n_valid_ptr": "*fp32", "n": i32, "MEAN": "constexpr",
-                   "HAS_PERM": "constexpr", "BLOCK": "constexpr"}
-            out.append((f"_reduce_kernel[mean={mean},perm={has_perm}]", tb._reduce_kernel, sig,
-                        {"MEAN": mean, "HAS_PERM": has_perm, "BLOCK": 1024}))
+            sig = {
+                "per_row_ptr": "*fp32",
+                "lo_ptr": "*i32",
+                "hi_ptr": "*i32",
+                "perm_ptr": "*i64",
+                "out_ptr": "*fp32",
+                "n_valid_ptr": "*fp32",
+                "n": i32,
+                "MEAN": "constexpr",
+                "HAS_PERM": "constexpr",
+                "BLOCK": "constexpr",
+            }
+            out.append(
+                (
+                    f"_reduce_kernel[mean={mean},perm={has_perm}]",
+                    tb._reduce_kernel,
+                    sig,
+                    {"MEAN": mean, "HAS_PERM": has_perm, "BLOCK": 1024},
+                )
+            )
     return out
 
 
@@ -102,8 +226,11 @@ def _resource_usage(cubin: bytes):
     reg = re.search(r"REG:(\d+)", txt)
     shared = re.search(r"SHARED:(\d+)", txt)
     stack = re.search(r"STACK:(\d+)", txt)
-    return (int(reg.group(1)) if reg else -1, int(stack.group(1)) if stack else -1,
-            int(shared.group(1)) if shared else -1)
+    return (
+        int(reg.group(1)) if reg else -1,
+        int(stack.group(1)) if stack else -1,
+        int(shared.group(1)) if shared else -1,
+    )
 
 
 def _nvcc():
@@ -141,11 +268,28 @@ def check_cuda_ext(archs) -> int:
             with open(os.path.join(stub, "cuda_cmake_macros.h"), "w") as f:
                 f.write("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
         for arch in archs:
-            cmd = [nvcc, "-c", "-O3", std, f"-arch=sm_{arch}", "-Xptxas", "-v",
-                   "-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=pnp_compile_check",
-                   "-I" + os.path.join(root, "csrc"), "-I" + tmp, "-isystem", tinc,
-                   "-isystem", os.path.join(tinc, "torch", "csrc", "api", "include"),
-                   "-isystem", sysconfig.get_paths()["include"], src, "-o", os.path.join(tmp, "pnp_cuda.o")]
+            cmd = [
+                nvcc,
+                "-c",
+                "-O3",
+                std,
+                f"-arch=sm_{arch}",
+                "-Xptxas",
+                "-v",
+                "-DTORCH_API_INCLUDE_EXTENSION_H",
+                "-DTORCH_EXTENSION_NAME=pnp_compile_check",
+                "-I" + os.path.join(root, "csrc"),
+                "-I" + tmp,
+                "-isystem",
+                tinc,
+                "-isystem",
+                os.path.join(tinc, "torch", "csrc", "api", "include"),
+                "-isystem",
+                sysconfig.get_paths()["include"],
+                src,
+                "-o",
+                os.path.join(tmp, "pnp_cuda.o"),
+            ]
             res = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=600)
             if res.returncode != 0:
                 failures += 1
@@ -205,8 +349,11 @@ def main(argv=None) -> int:
         for name, kernel, sig, consts, *opts in _specializations(tb):
             t0 = time.time()
             try:
-                compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts), target=target,
-                                          options=opts[0] if opts else None)
+                compiled = triton.compile(
+                    ASTSource(fn=kernel, signature=sig, constexprs=consts),
+                    target=target,
+                    options=opts[0] if opts else None,
+                )
             except Exception as exc:  # noqa: BLE001 - report every failure, keep going
                 failures += 1
                 print(f"| {name} | sm_{arch} | FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:200]} | | | |")

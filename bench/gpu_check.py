@@ -52,6 +52,7 @@ Without CUDA (e.g. TRITON_INTERPRET=1 on a CPU machine) it runs tiny versions of
 correctness sections and of the table code with the CPU backends (perf_counter
 medians, no memory column), so the script itself can be tested anywhere.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -156,11 +157,12 @@ def parity(device, backends, sizes, big_B):
         worst_l = worst_g = 0.0
         for v in VARIANTS:
             E = torch.randn(B, 32, generator=gen)
-            E = (E / 32 ** 0.5 if sim == "dot" else E).to(device).requires_grad_()
+            E = (E / 32**0.5 if sim == "dot" else E).to(device).requires_grad_()
             y = labels_for(pattern, B, gen, device)
             kw = dict(variant=v, alpha=4.0 if v == "Dq" else 1.0, b=3.0 if v == "Ib" else 2.0, similarity=sim)
-            el, eg, finite = compare(lambda: pnp_loss(E, y, backend=backend, **kw),
-                                     lambda L: pnp_loss_reference(L[0], y, **kw), [E], gen)
+            el, eg, finite = compare(
+                lambda: pnp_loss(E, y, backend=backend, **kw), lambda L: pnp_loss_reference(L[0], y, **kw), [E], gen
+            )
             if not finite or el > 1e-5 or eg > 1e-5:
                 ok = False
                 log(f"  FAIL {backend} B={B} {pattern} {sim} {v}: loss err {el:.2e} grad err {eg:.2e} finite={finite}")
@@ -175,8 +177,12 @@ def parity(device, backends, sizes, big_B):
         for v in VARIANTS:
             E = torch.randn(big_B, 128, generator=gen).to(device).requires_grad_()
             y = labels_for("unsorted", big_B, gen, device)
-            el, eg, _ = compare(lambda: pnp_loss(E, y, variant=v, backend="triton"),
-                                lambda L: pnp_loss(L[0], y, variant=v, backend="torch"), [E], gen)
+            el, eg, _ = compare(
+                lambda: pnp_loss(E, y, variant=v, backend="triton"),
+                lambda L: pnp_loss(L[0], y, variant=v, backend="torch"),
+                [E],
+                gen,
+            )
             log(f"  triton vs float64 torch backend, B={big_B}, {v}: loss {el:.1e}, grad {eg:.1e}")
             ok &= el <= 1e-5 and eg <= 1e-5
     return ok
@@ -188,14 +194,20 @@ def smooth_ap_parity(device, backends, sizes):
     gen = torch.Generator().manual_seed(10)
     log("| backend | B | labels | similarity | reduction | loss rel err | grad rel err |")
     log("|---|---|---|---|---|---|---|")
-    for backend, B, pattern, sim, red in itertools.product(backends, sizes, PATTERNS, ["cosine", "dot"],
-                                                           ["mean", "none"]):
+    for backend, B, pattern, sim, red in itertools.product(
+        backends, sizes, PATTERNS, ["cosine", "dot"], ["mean", "none"]
+    ):
         E = torch.randn(B, 32, generator=gen)
-        E = (E / 32 ** 0.5 if sim == "dot" else E).to(device).requires_grad_()
+        E = (E / 32**0.5 if sim == "dot" else E).to(device).requires_grad_()
         y = labels_for(pattern, B, gen, device)
         kw = dict(temperature=0.05, similarity=sim, reduction=red)
-        el, eg, finite = compare(lambda: smooth_ap_loss(E, y, backend=backend, **kw),
-                                 lambda L: smooth_ap_loss_reference(L[0], y, **kw), [E], gen, red)
+        el, eg, finite = compare(
+            lambda: smooth_ap_loss(E, y, backend=backend, **kw),
+            lambda L: smooth_ap_loss_reference(L[0], y, **kw),
+            [E],
+            gen,
+            red,
+        )
         good = finite and el <= 1e-5 and eg <= 1e-5
         ok &= good
         log(f"| {backend} | {B} | {pattern} | {sim} | {red} | {el:.1e} | {eg:.1e} |" + ("" if good else " FAIL"))
@@ -231,16 +243,22 @@ def refset_parity(device, backends, Q=40, M=120):
             else:
                 kw = dict(temperature=0.05, reduction=red)
                 f, f_ref = smooth_ap_loss, smooth_ap_loss_reference
-            el, eg, finite = compare(lambda: f(Eq, yq, Er, yr, query_ref_index=qri, backend=backend, **kw),
-                                     lambda L: f_ref(L[0], yq, L[1], yr, query_ref_index=qri, **kw), [Eq, Er], gen,
-                                     red)
+            el, eg, finite = compare(
+                lambda: f(Eq, yq, Er, yr, query_ref_index=qri, backend=backend, **kw),
+                lambda L: f_ref(L[0], yq, L[1], yr, query_ref_index=qri, **kw),
+                [Eq, Er],
+                gen,
+                red,
+            )
             good = finite and el <= 1e-5 and eg <= 1e-5
             ok &= good
             if not good:
                 log(f"  FAIL {backend} {loss} {v} own={own} {red}: loss {el:.2e} grad {eg:.2e} finite={finite}")
             worst_l, worst_g = max(worst_l, el), max(worst_g, eg)
-        log(f"| {backend} | {loss}{' (5 variants)' if loss == 'pnp' else ''} | {'yes' if own else 'no'} | {red} | "
-            f"{worst_l:.1e} | {worst_g:.1e} |")
+        log(
+            f"| {backend} | {loss}{' (5 variants)' if loss == 'pnp' else ''} | {'yes' if own else 'no'} | {red} | "
+            f"{worst_l:.1e} | {worst_g:.1e} |"
+        )
     return ok
 
 
@@ -266,8 +284,10 @@ def sync_free(device, backends):
             torch.cuda.set_sync_debug_mode(0)
         torch.cuda.synchronize()
         E.grad = None
-        log(f"  {backend} {what}: forward+backward under set_sync_debug_mode('error'): no sync raised; "
-            f"loss {loss.item():.6f}")
+        log(
+            f"  {backend} {what}: forward+backward under set_sync_debug_mode('error'): no sync raised; "
+            f"loss {loss.item():.6f}"
+        )
     return True
 
 
@@ -282,11 +302,14 @@ def ext_bad_segment(device):
         # rows_forward(S, lo, hi, kind, variant, anneal, alpha, b, compute_grad)
         loss, G = ops.rows_forward(S, lo, hi, kind, 0, 0.05, 1.0, 2.0, True)
         torch.cuda.synchronize()
-        good = (bool(torch.isnan(loss[2])) and bool(torch.isnan(G[2]).all())
-                and bool(torch.isfinite(loss[[0, 1, 3]]).all()))
+        good = (
+            bool(torch.isnan(loss[2])) and bool(torch.isnan(G[2]).all()) and bool(torch.isfinite(loss[[0, 1, 3]]).all())
+        )
         ok &= good
-        log(f"  ext CUDA rows_forward, kind {kind}, out-of-range segment: loss {loss.tolist()} -> "
-            f"{'NaN row, others finite' if good else 'UNEXPECTED'}")
+        log(
+            f"  ext CUDA rows_forward, kind {kind}, out-of-range segment: loss {loss.tolist()} -> "
+            f"{'NaN row, others finite' if good else 'UNEXPECTED'}"
+        )
     return ok
 
 
@@ -312,7 +335,7 @@ def device_guard(backends):
                     loss = smooth_ap_loss(E, y, backend=backend)
                 else:
                     loss = pnp_loss(E, y, R, yr, backend=backend)
-                g, = torch.autograd.grad(loss, E)
+                (g,) = torch.autograd.grad(loss, E)
                 torch.cuda.synchronize(dev)
                 got.append((loss, g))
             (l0, g0), (l1, g1) = got
@@ -322,9 +345,11 @@ def device_guard(backends):
             current = torch.cuda.current_device() == 0
             good = placed and current and err <= 1e-6
             ok &= good
-            log(f"  {backend} {what}: output on {l1.device}, grad on {g1.device}, current device still "
+            log(
+                f"  {backend} {what}: output on {l1.device}, grad on {g1.device}, current device still "
                 f"{torch.cuda.current_device()}; vs cuda:0: rel err {err:.1e}, bitwise equal {bitwise} "
-                f"{'ok' if good else 'FAIL'}")
+                f"{'ok' if good else 'FAIL'}"
+            )
     return ok
 
 
@@ -332,8 +357,9 @@ def opcheck(device, backends):
     """torch.library.opcheck of the package's four custom ops (argument lists of tests/test_opcheck.py)."""
     gen = torch.Generator().manual_seed(13)
     n = 0
-    for backend, kind, cosine, mean in itertools.product(backends, (LOSS_PNP, LOSS_SMOOTH_AP), (True, False),
-                                                         (True, False)):
+    for backend, kind, cosine, mean in itertools.product(
+        backends, (LOSS_PNP, LOSS_SMOOTH_AP), (True, False), (True, False)
+    ):
         flat = LossSpec(kind, VARIANT_TABLE["Dq"], 0.05, 2.0, 3.0, cosine, mean).flat()
         E = torch.randn(10, 4, generator=gen).to(device).requires_grad_(True)
         y = torch.tensor([0, 0, 1, 1, 1, 2, 3, 3, 4, 4], device=device)
@@ -350,12 +376,13 @@ def opcheck(device, backends):
         args = (Eq, yq, Er, yr, qri, *flat, backend, True)
         torch.library.opcheck(torch.ops.pnp_kernels.reference_loss_fwd.default, args)
         out = torch.ops.pnp_kernels.reference_loss_fwd(*args)
-        bwd = (torch.ones_like(out[0]), *[t.detach() for t in out[1:]], *flat, Eq.dtype, Er.dtype, backend,
-               True, True)
+        bwd = (torch.ones_like(out[0]), *[t.detach() for t in out[1:]], *flat, Eq.dtype, Er.dtype, backend, True, True)
         torch.library.opcheck(torch.ops.pnp_kernels.reference_loss_bwd.default, bwd)
         n += 4
-    log(f"  opcheck passed: {n} op checks on {device} ({', '.join(backends)} x 2 losses x 2 similarities "
-        f"x 2 reductions x square/reference fwd/bwd)")
+    log(
+        f"  opcheck passed: {n} op checks on {device} ({', '.join(backends)} x 2 losses x 2 similarities "
+        f"x 2 reductions x square/reference fwd/bwd)"
+    )
     return True
 
 
@@ -459,16 +486,20 @@ def profile_step(device, cuda_backends):
             step()
         torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    log(f"  triton: host time per fwd+bwd call (no sync): {host_us:.1f} us; GPU kernels per step: "
-        f"{len(kernels) / 5:.1f}")
+    log(
+        f"  triton: host time per fwd+bwd call (no sync): {host_us:.1f} us; GPU kernels per step: "
+        f"{len(kernels) / 5:.1f}"
+    )
     if "ext" in cuda_backends:
         ext_us = host_us_per_step(lambda: pnp_loss(E, y, variant="Dq", backend="ext").backward())
         log(f"  ext: host time per fwd+bwd call (no sync): {ext_us:.1f} us")
     # what one launch costs on this host: a torch op vs a Triton kernel with 5 pointer args
     x = torch.zeros(1024, device=device)
     lo = torch.zeros(8, dtype=torch.int32, device=device)
-    log(f"  host cost per launch: torch x.add_(1) {host_us_per_step(lambda: x.add_(1)):.1f} us; "
-        f"triton reduce kernel (5 pointers) {host_us_per_step(lambda: tk.reduce(x[:8], lo, lo, None, True)):.1f} us")
+    log(
+        f"  host cost per launch: torch x.add_(1) {host_us_per_step(lambda: x.add_(1)):.1f} us; "
+        f"triton reduce kernel (5 pointers) {host_us_per_step(lambda: tk.reduce(x[:8], lo, lo, None, True)):.1f} us"
+    )
     log(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=22))
     # the opt-in counting-sort prep (one launch instead of torch.sort's): host time and correctness
     ref_loss = pnp_loss(E.detach(), y, variant="Dq", backend="triton").item()
@@ -479,8 +510,10 @@ def profile_step(device, cuda_backends):
         cs_us = host_us_per_step(step)
     finally:
         tk.COUNT_SORT_MAX_B = saved
-    log(f"  counting-sort prep: host time per call {cs_us:.1f} us (torch.sort path {host_us:.1f} us); "
-        f"loss {cs_loss:.7f} vs {ref_loss:.7f}")
+    log(
+        f"  counting-sort prep: host time per call {cs_us:.1f} us (torch.sort path {host_us:.1f} us); "
+        f"loss {cs_loss:.7f} vs {ref_loss:.7f}"
+    )
     ms = graph_ms(step, E, quick=False)  # GPU time without launch gaps
     log(f"  B=384 fwd+bwd replayed from a CUDA graph: {ms * 1000:.1f} us")
     return abs(cs_loss - ref_loss) <= 1e-6 * abs(ref_loss)
@@ -496,21 +529,27 @@ def mixed_precision(device, backends):
         y = (torch.arange(96) // 4)[torch.randperm(96, generator=gen)].to(device)
         Eh = E32.to(device=device, dtype=dtype).requires_grad_()
         loss = pnp_loss(Eh, y, variant=v, anneal=0.05, backend=backend)
-        g, = torch.autograd.grad(loss, Eh)
+        (g,) = torch.autograd.grad(loss, Eh)
         E64 = Eh.detach().double().requires_grad_()
         ref = pnp_loss_reference(E64, y, variant=v, anneal=0.05)
-        g_ref, = torch.autograd.grad(ref, E64)
+        (g_ref,) = torch.autograd.grad(ref, E64)
         Eh2 = Eh.detach().clone().requires_grad_()
         ref_h = pnp_loss_reference(Eh2, y, variant=v, anneal=0.05)
-        g_h, = torch.autograd.grad(ref_h, Eh2)
+        (g_h,) = torch.autograd.grad(ref_h, Eh2)
         e_ours = rel_err(g, g_ref)
         e_half = rel_err(g_h, g_ref)
         finite = bool(torch.isfinite(g).all().item() and torch.isfinite(loss).item())
-        good = (finite and loss.dtype == torch.float32 and g.dtype == dtype
-                and (e_ours <= 2 * e_half + 1e-6 or (not torch.isfinite(g_h).all() and e_ours <= 5e-3)))
+        good = (
+            finite
+            and loss.dtype == torch.float32
+            and g.dtype == dtype
+            and (e_ours <= 2 * e_half + 1e-6 or (not torch.isfinite(g_h).all() and e_ours <= 5e-3))
+        )
         ok &= good
-        log(f"  {backend:6s} {str(dtype):15s} {v:2s}: grad err ours {e_ours:.1e}, half reference {e_half:.1e}, "
-            f"loss err {rel_err(loss.detach().reshape(1), ref.detach().reshape(1)):.1e} {'ok' if good else 'FAIL'}")
+        log(
+            f"  {backend:6s} {str(dtype):15s} {v:2s}: grad err ours {e_ours:.1e}, half reference {e_half:.1e}, "
+            f"loss err {rel_err(loss.detach().reshape(1), ref.detach().reshape(1)):.1e} {'ok' if good else 'FAIL'}"
+        )
     x = torch.randn(128, 32, device=device)
     y = (torch.arange(128) // 4).to(device)
     lin = torch.nn.Linear(32, 64).to(device)
@@ -537,6 +576,7 @@ def compiled_step(device):
 
         def fwd(inp, lab):
             return pnp_loss(lin(inp), lab, variant="Dq", backend="triton")
+
         f = torch.compile(fwd, fullgraph=True) if compiled else fwd
         loss = f(x, y)
         loss.backward()
@@ -562,8 +602,9 @@ def graph_ms(step, E, quick):
     E.grad = None
     with torch.cuda.graph(graph):
         step()
-    ms = triton.testing.do_bench(graph.replay, warmup=5 if quick else 25, rep=20 if quick else 100,
-                                 return_mode="median")
+    ms = triton.testing.do_bench(
+        graph.replay, warmup=5 if quick else 25, rep=20 if quick else 100, return_mode="median"
+    )
     del graph
     E.grad = None
     torch.cuda.synchronize()
@@ -589,8 +630,9 @@ def measure(fn, device, quick, grad_to_none=()):
     fn()
     torch.cuda.synchronize()
     peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    ms = triton.testing.do_bench(fn, warmup=5 if quick else 25, rep=20 if quick else 100,
-                                 grad_to_none=list(grad_to_none), return_mode="median")
+    ms = triton.testing.do_bench(
+        fn, warmup=5 if quick else 25, rep=20 if quick else 100, grad_to_none=list(grad_to_none), return_mode="median"
+    )
     return ms, peak
 
 
@@ -639,15 +681,17 @@ def bench_table(device, Bs, P, extra, D=512, with_ref=True, with_compiled=False,
                 res[other] = guarded(lambda: measure(ours(other), device, quick, [E]))
         if cuda and B <= 16384:
             res["graph"] = graph_ms(ours("triton"), E, quick)
-        res["fwd_only"] = guarded(lambda: measure(lambda: pnp_loss(E.detach(), y, variant="Dq", backend=main),
-                                                  device, quick))
+        res["fwd_only"] = guarded(
+            lambda: measure(lambda: pnp_loss(E.detach(), y, variant="Dq", backend=main), device, quick)
+        )
         H = torch.randn(B, B, device=device)
         Xd = E.detach()
         res["floor"] = measure(lambda: (Xd @ Xd.t(), H @ Xd), device, quick)
         H = None  # free the B x B buffer before the reference runs
         if with_ref and B <= 1024:
-            res["ref"] = guarded(lambda: measure(lambda: pnp_loss_reference(E, y, variant="Dq").backward(),
-                                                 device, quick, [E]))
+            res["ref"] = guarded(
+                lambda: measure(lambda: pnp_loss_reference(E, y, variant="Dq").backward(), device, quick, [E])
+            )
         if with_compiled and B == 384:
             t0 = time.time()
             comp = torch.compile(lambda E, y: pnp_loss_reference(E, y, variant="Dq"))
@@ -663,18 +707,21 @@ def bench_table(device, Bs, P, extra, D=512, with_ref=True, with_compiled=False,
 
 def print_table(rows, extra, main="triton"):
     others = [p for p in extra if p != main]
-    log(f"| B | P | ours fwd+bwd ({main}) | ours fwd+bwd, CUDA graph | ours fwd only | reference eager | "
+    log(
+        f"| B | P | ours fwd+bwd ({main}) | ours fwd+bwd, CUDA graph | ours fwd only | reference eager | "
         "reference compiled | GEMM floor | ref/ours | compiled/ours | ours/floor | ours graph/floor |"
-        + "".join(f" {p} fwd+bwd |" for p in others))
+        + "".join(f" {p} fwd+bwd |" for p in others)
+    )
     log("|---|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(others))
     for r in rows:
         ours, gr, fl = r.get("ours"), r.get("graph"), r.get("floor")
         comp = f" (compile {r['compile_s']:.0f} s)" if "compile_s" in r else ""
-        log(f"| {r['B']} | {r['P']} | {fmt(ours)} | {f'{gr:.3f} ms' if gr else ''} | {fmt(r.get('fwd_only'))} | "
+        log(
+            f"| {r['B']} | {r['P']} | {fmt(ours)} | {f'{gr:.3f} ms' if gr else ''} | {fmt(r.get('fwd_only'))} | "
             f"{fmt(r.get('ref'))} | {fmt(r.get('ref_compiled'))}{comp} | {fmt(fl)} | "
             f"{ratio(r.get('ref'), ours, 1)} | {ratio(r.get('ref_compiled'), ours, 1)} | {ratio(ours, fl)} | "
-            f"{ratio((gr, None), fl) if gr else ''} |"
-            + "".join(f" {fmt(r.get(p))} |" for p in others))
+            f"{ratio((gr, None), fl) if gr else ''} |" + "".join(f" {fmt(r.get(p))} |" for p in others)
+        )
 
 
 def smooth_ap_table(device, backends, Bs, D=512, P=4, quick=False):
@@ -687,8 +734,7 @@ def smooth_ap_table(device, backends, Bs, D=512, P=4, quick=False):
         E.requires_grad_()
         for backend in backends:
             pnp = guarded(lambda: measure(lambda: pnp_loss(E, y, backend=backend).backward(), device, quick, [E]))
-            sap = guarded(lambda: measure(lambda: smooth_ap_loss(E, y, backend=backend).backward(), device, quick,
-                                          [E]))
+            sap = guarded(lambda: measure(lambda: smooth_ap_loss(E, y, backend=backend).backward(), device, quick, [E]))
             log(f"| {B} | {backend} | {fmt(pnp)} | {fmt(sap)} | {ratio(sap, pnp)} |")
         E = y = None  # free before the next size
         if device.type == "cuda":
@@ -718,8 +764,9 @@ def refset_table(device, backends, Q, M, D=512, P=4, quick=False):
     log(f"| GEMM floor, {Q} x {Q} | - | {fmt(floor_sq)} | | |")
     for backend in backends:
         sq = guarded(lambda: measure(lambda: pnp_loss(Eq, ys, backend=backend).backward(), device, quick, [Eq]))
-        ref = guarded(lambda: measure(lambda: pnp_loss(Eq, yq, bank, yb, backend=backend).backward(), device, quick,
-                                      [Eq]))
+        ref = guarded(
+            lambda: measure(lambda: pnp_loss(Eq, yq, bank, yb, backend=backend).backward(), device, quick, [Eq])
+        )
         log(f"| square B = {Q} | {backend} | {fmt(sq)} | 1 | {ratio(sq, floor_sq)} |")
         log(f"| {Q} queries vs {M}-row bank | {backend} | {fmt(ref)} | {ratio(ref, sq)} | {ratio(ref, floor_ref)} |")
     return True
@@ -745,10 +792,14 @@ def main():
 
     log(f"# pnp_kernels gpu_check  {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}")
     interp = os.environ.get("TRITON_INTERPRET", "")
-    log(f"device: {torch.cuda.get_device_name() if cuda else f'cpu (TRITON_INTERPRET={interp})'}"
-        + (f", {torch.cuda.device_count()} visible" if cuda else ""))
-    log(f"torch {torch.__version__}, triton {triton_version}, python {platform.python_version()}, "
-        f"pnp_kernels {pnp_kernels.__version__}")
+    log(
+        f"device: {torch.cuda.get_device_name() if cuda else f'cpu (TRITON_INTERPRET={interp})'}"
+        + (f", {torch.cuda.device_count()} visible" if cuda else "")
+    )
+    log(
+        f"torch {torch.__version__}, triton {triton_version}, python {platform.python_version()}, "
+        f"pnp_kernels {pnp_kernels.__version__}"
+    )
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     status = pnp_kernels.backend_status()
@@ -771,8 +822,15 @@ def main():
         run("device_guard", lambda: device_guard(cpu_backends))
         run("opcheck", lambda: opcheck(device, table_backends))
         run("determinism", lambda: determinism(device, 24, 8))
-        run("bench", lambda: print_table(bench_table(device, [32], 4, table_backends, D=16, quick=True),
-                                         table_backends, table_backends[0]) or True)
+        run(
+            "bench",
+            lambda: (
+                print_table(
+                    bench_table(device, [32], 4, table_backends, D=16, quick=True), table_backends, table_backends[0]
+                )
+                or True
+            ),
+        )
         run("smooth_ap_bench", lambda: smooth_ap_table(device, table_backends, [32], D=16, quick=True))
         run("refset_bench", lambda: refset_table(device, table_backends, 16, 128, D=16, quick=True))
     else:
@@ -793,14 +851,36 @@ def main():
         run("mixed", lambda: mixed_precision(device, cuda_backends))
         run("compiled_step", lambda: compiled_step(device))
         sizes = [128, 384] if args.quick else [128, 384, 1024, 4096, 16384]
-        run("bench", lambda: print_table(bench_table(device, sizes, 4, extra, with_compiled="compile" not in skip,
-                                                     quick=args.quick), extra) or True)
-        run("smooth_ap_bench", lambda: smooth_ap_table(device, cuda_backends, [384, 4096] if args.quick else
-                                                       [384, 4096, 16384], quick=args.quick))
+        run(
+            "bench",
+            lambda: (
+                print_table(
+                    bench_table(device, sizes, 4, extra, with_compiled="compile" not in skip, quick=args.quick), extra
+                )
+                or True
+            ),
+        )
+        run(
+            "smooth_ap_bench",
+            lambda: smooth_ap_table(
+                device, cuda_backends, [384, 4096] if args.quick else [384, 4096, 16384], quick=args.quick
+            ),
+        )
         run("refset_bench", lambda: refset_table(device, cuda_backends, 4096, 65536, quick=args.quick))
-        run("bigP", lambda: print_table(
-            [r for P in (16, 64) for r in bench_table(device, [384, 4096, 16384], P, [], with_ref=False,
-                                                      quick=args.quick)], []) or True)
+        run(
+            "bigP",
+            lambda: (
+                print_table(
+                    [
+                        r
+                        for P in (16, 64)
+                        for r in bench_table(device, [384, 4096, 16384], P, [], with_ref=False, quick=args.quick)
+                    ],
+                    [],
+                )
+                or True
+            ),
+        )
         run("huge", lambda: print_table(bench_table(device, [65536], 4, [], with_ref=False, quick=True), []) or True)
     log("\n=== summary")
     for k, v in results.items():

@@ -14,6 +14,7 @@ Importing this module unsets TRITON_INTERPRET (the Triton interpreter is for
 correctness tests only and is never benchmarked) and puts the repository root on
 sys.path, so the benchmarks run from a checkout without installing.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,8 +41,7 @@ ROOT = os.path.dirname(HERE)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-          "float64": torch.float64}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 class Unavailable(Exception):
@@ -253,13 +253,18 @@ def ratio_table(samples: Dict[str, List[float]], unit: float = 1e3, unit_name: s
     names = list(samples)
     base = names[0]
     med = {n: statistics.median(s) for n, s in samples.items()}
-    lines = [f"| provider | median {unit_name} | min {unit_name} | max {unit_name} | "
-             f"{base} median / this median | median of per-round ratios |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"| provider | median {unit_name} | min {unit_name} | max {unit_name} | "
+        f"{base} median / this median | median of per-round ratios |",
+        "|---|---|---|---|---|---|",
+    ]
     for name in names:
         s = samples[name]
         per_round = statistics.median(b / t for b, t in zip(samples[base], s))
-        lines.append(f"| {name} | {med[name] * unit:.3f} | {min(s) * unit:.3f} | {max(s) * unit:.3f} | "
-                     f"{med[base] / med[name]:.3f} | {per_round:.3f} |")
+        lines.append(
+            f"| {name} | {med[name] * unit:.3f} | {min(s) * unit:.3f} | {max(s) * unit:.3f} | "
+            f"{med[base] / med[name]:.3f} | {per_round:.3f} |"
+        )
     return lines
 
 
@@ -393,8 +398,9 @@ def emit_result(res: dict) -> None:
     print(RESULT_TAG + json.dumps(res), flush=True)
 
 
-def run_worker(cmd: List[str], mem: bool, mem_limit_gb: Optional[float], timeout: float,
-               retries: int = 0, wait_idle: float = 0.0) -> dict:
+def run_worker(
+    cmd: List[str], mem: bool, mem_limit_gb: Optional[float], timeout: float, retries: int = 0, wait_idle: float = 0.0
+) -> dict:
     """Run ``cmd`` (a worker that calls :func:`emit_result`) in a fresh process.
 
     Memory runs get MALLOC_MMAP_THRESHOLD_=65536 so every tensor buffer is mmap-ed and
@@ -439,7 +445,7 @@ def _launch(cmd, env, preexec, timeout) -> dict:
         return {"status": "timeout", "note": f"worker exceeded {timeout}s"}
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT_TAG):
-            return json.loads(line[len(RESULT_TAG):])
+            return json.loads(line[len(RESULT_TAG) :])
     if proc.returncode in (-9, 137):
         return {"status": "OOM", "note": "worker killed (SIGKILL, likely out of memory)"}
     tail = (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]
@@ -489,5 +495,7 @@ def versions() -> str:
         backends = ", ".join(pnp_kernels.available_backends())
     except Exception as exc:
         backends = f"pnp_kernels import failed: {exc!r}"
-    return (f"torch {torch.__version__}, triton {tv}, pytorch-metric-learning {pml}, "
-            f"python {platform.python_version()}; pnp_kernels backends available: {backends}")
+    return (
+        f"torch {torch.__version__}, triton {tv}, pytorch-metric-learning {pml}, "
+        f"python {platform.python_version()}; pnp_kernels backends available: {backends}"
+    )

@@ -21,6 +21,7 @@ with the current ones (the current package registers ``pnp_kernels::square_loss_
 and ``reference_loss_*``; versions before the backend interface registered
 ``pnp_kernels::pnp_loss_fwd/bwd``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,8 +47,9 @@ def load_old(path: str, name: str = "pnp_kernels_old"):
         raise SystemExit(f"host_overhead: {src} is not a pnp_kernels package")
     tmp = tempfile.mkdtemp(prefix="pnp_old_")
     atexit.register(shutil.rmtree, tmp, True)
-    shutil.copytree(src, os.path.join(tmp, name), symlinks=True,
-                    ignore=shutil.ignore_patterns("__pycache__", "*.so", "csrc"))  # csrc: ext only
+    shutil.copytree(
+        src, os.path.join(tmp, name), symlinks=True, ignore=shutil.ignore_patterns("__pycache__", "*.so", "csrc")
+    )  # csrc: ext only
     sys.path.insert(0, tmp)
     return importlib.import_module(name)
 
@@ -87,12 +89,18 @@ def main(argv=None) -> int:
     samples = harness.interleave({"old": old_many, "new": new_many}, "cpu", args.rounds, args.warmup // args.inner + 1)
     per_step = {k: [t / args.inner for t in v] for k, v in samples.items()}
 
-    print(f"# host overhead A/B, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {harness.cpu_model()}, "
-          f"torch {torch.__version__}, python {platform.python_version()}, threads {torch.get_num_threads()}")
-    print(f"old: {old.__file__} (version {getattr(old, '__version__', '?')}); new: {new.__file__} "
-          f"(version {new.__version__})")
-    print(f"pnp_loss(backend='torch') forward + autograd.grad, B = {args.B}, D = {args.D}, P = {args.P}, float32; "
-          f"{args.rounds} rounds of {args.inner} steps each, alternating order")
+    print(
+        f"# host overhead A/B, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {harness.cpu_model()}, "
+        f"torch {torch.__version__}, python {platform.python_version()}, threads {torch.get_num_threads()}"
+    )
+    print(
+        f"old: {old.__file__} (version {getattr(old, '__version__', '?')}); new: {new.__file__} "
+        f"(version {new.__version__})"
+    )
+    print(
+        f"pnp_loss(backend='torch') forward + autograd.grad, B = {args.B}, D = {args.D}, P = {args.P}, float32; "
+        f"{args.rounds} rounds of {args.inner} steps each, alternating order"
+    )
     print(f"same result: loss old {lo:.7f} new {ln:.7f}, max |grad diff| {(g_old - g_new).abs().max().item():.2e}")
     print()
     print("\n".join(harness.ratio_table(per_step, unit=1e6, unit_name="us")))

@@ -32,6 +32,7 @@ A pnp_kernels provider is available when its backend is in
 ``pnp_kernels.available_backends()``; triton only on CUDA (the interpreter is never
 benchmarked).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -79,8 +80,7 @@ def _refset(backend: str):
         import pnp_kernels
 
         y, r, yr = inp.labels, inp.ref, inp.ref_labels
-        return lambda t: pnp_kernels.pnp_loss(t, y, r, yr, variant=case.variant, anneal=case.anneal,
-                                              backend=backend)
+        return lambda t: pnp_kernels.pnp_loss(t, y, r, yr, variant=case.variant, anneal=case.anneal, backend=backend)
 
     return make
 
@@ -152,16 +152,28 @@ def _list():
         Provider("reference-compiled", "B^3 PNP oracle under torch.compile", _reference_compiled, derived_bwd=True),
         Provider("reference-smooth-ap", "B^3 Smooth-AP oracle, eager", _reference_smooth_ap),
         Provider("pml", "pytorch-metric-learning PNPLoss", _pml, needs="pytorch_metric_learning"),
-        Provider("pml-smooth-ap", "pytorch-metric-learning SmoothAPLoss (class-sorted labels)", _pml_smooth_ap,
-                 needs="pytorch_metric_learning", sorted_labels=True),
+        Provider(
+            "pml-smooth-ap",
+            "pytorch-metric-learning SmoothAPLoss (class-sorted labels)",
+            _pml_smooth_ap,
+            needs="pytorch_metric_learning",
+            sorted_labels=True,
+        ),
     ]
     for b in ("torch", "triton", "ext"):
         out.append(Provider(b, f"pnp_loss, backend={b!r}", _ours("pnp", b), backend=b))
     for b in ("torch", "triton", "ext"):
         out.append(Provider(f"smooth-ap-{b}", f"smooth_ap_loss, backend={b!r}", _ours("smooth_ap", b), backend=b))
     for b in ("torch", "triton", "ext"):
-        out.append(Provider(f"refset-{b}", f"pnp_loss against a reference set, backend={b!r}", _refset(b),
-                            backend=b, reference_set=True))
+        out.append(
+            Provider(
+                f"refset-{b}",
+                f"pnp_loss against a reference set, backend={b!r}",
+                _refset(b),
+                backend=b,
+                reference_set=True,
+            )
+        )
     return {p.name: p for p in out}
 
 
@@ -176,7 +188,7 @@ def get(name: str) -> Provider:
 
 
 def why_unavailable(name: str, device) -> str:
-    """"" when the provider can run on ``device``, else why not (runs nothing)."""
+    """ "" when the provider can run on ``device``, else why not (runs nothing)."""
     if name not in PROVIDERS:
         return f"unknown provider {name!r}"
     p = PROVIDERS[name]

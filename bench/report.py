@@ -6,6 +6,7 @@ ms and their sample counts, peak_mib, compile_s, other_load and note.
 Ratios (fwd+bwd, same B/D/P/M/dtype): "x ref" = reference time / this time,
 "x pml" = pml time / this time, "/ floor" = this time / gemm-floor time.
 """
+
 from __future__ import annotations
 
 import csv
@@ -16,12 +17,32 @@ import shlex
 import sys
 
 CSV_FIELDS = [
-    "provider", "B", "D", "P", "M", "dtype", "status",
-    "fwd_ms", "bwd_ms", "fwdbwd_ms", "n_fwd", "n_bwd", "n_fwdbwd",
-    "peak_mib", "compile_s", "x_ref", "x_pml", "per_floor", "other_load", "note",
+    "provider",
+    "B",
+    "D",
+    "P",
+    "M",
+    "dtype",
+    "status",
+    "fwd_ms",
+    "bwd_ms",
+    "fwdbwd_ms",
+    "n_fwd",
+    "n_bwd",
+    "n_fwdbwd",
+    "peak_mib",
+    "compile_s",
+    "x_ref",
+    "x_pml",
+    "per_floor",
+    "other_load",
+    "note",
 ]
-_RATIOS = (("x_ref", "x ref", "reference", True), ("x_pml", "x pml", "pml", True),
-           ("per_floor", "/ floor", "gemm-floor", False))
+_RATIOS = (
+    ("x_ref", "x ref", "reference", True),
+    ("x_pml", "x pml", "pml", True),
+    ("per_floor", "/ floor", "gemm-floor", False),
+)
 
 
 def fmt(v, spec=".3g"):
@@ -65,8 +86,10 @@ def row_line(r: dict) -> str:
     head = f"{r['provider']:>19} {_config(r)}"
     if r["status"] != "ok":
         return f"{head} {r['status']}" + (f" ({r['note']})" if r.get("note") else "")
-    s = (f"{head} fwd {ms(r.get('fwd_ms')):>8} ms  bwd {ms(r.get('bwd_ms')):>8} ms  "
-         f"fwd+bwd {ms(r.get('fwdbwd_ms')):>8} ms  peak {fmt(r.get('peak_mib'), '.1f'):>8} MiB")
+    s = (
+        f"{head} fwd {ms(r.get('fwd_ms')):>8} ms  bwd {ms(r.get('bwd_ms')):>8} ms  "
+        f"fwd+bwd {ms(r.get('fwdbwd_ms')):>8} ms  peak {fmt(r.get('peak_mib'), '.1f'):>8} MiB"
+    )
     if r.get("compile_s"):
         s += f"  (compile+first call {r['compile_s']:.1f} s)"
     if r.get("note"):
@@ -75,8 +98,23 @@ def row_line(r: dict) -> str:
 
 
 def markdown_table(rows: list) -> str:
-    hdr = ["provider", "B", "D", "P", "M", "dtype", "fwd ms", "bwd ms", "fwd+bwd ms", "n", "peak MiB",
-           "x ref", "x pml", "/ floor", "note"]
+    hdr = [
+        "provider",
+        "B",
+        "D",
+        "P",
+        "M",
+        "dtype",
+        "fwd ms",
+        "bwd ms",
+        "fwd+bwd ms",
+        "n",
+        "peak MiB",
+        "x ref",
+        "x pml",
+        "/ floor",
+        "note",
+    ]
     lines = ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
     for r in rows:
         ok = r["status"] == "ok"
@@ -85,11 +123,21 @@ def markdown_table(rows: list) -> str:
             note = (note + "; " if note else "") + f"compile+first call {r['compile_s']:.1f} s"
         n = "/".join(str(r.get(k, "")) for k in ("n_fwd", "n_bwd", "n_fwdbwd")) if ok else ""
         cells = [
-            r["provider"], str(r["B"]), str(r["D"]), str(r["P"]), str(r.get("M") or ""), r["dtype"],
-            ms(r.get("fwd_ms")) if ok else r["status"], ms(r.get("bwd_ms")) if ok else "",
-            ms(r.get("fwdbwd_ms")) if ok else "", n,
+            r["provider"],
+            str(r["B"]),
+            str(r["D"]),
+            str(r["P"]),
+            str(r.get("M") or ""),
+            r["dtype"],
+            ms(r.get("fwd_ms")) if ok else r["status"],
+            ms(r.get("bwd_ms")) if ok else "",
+            ms(r.get("fwdbwd_ms")) if ok else "",
+            n,
             fmt(r.get("peak_mib"), ".1f"),
-            fmt(r.get("x_ref"), ".3g"), fmt(r.get("x_pml"), ".3g"), fmt(r.get("per_floor"), ".3g"), note,
+            fmt(r.get("x_ref"), ".3g"),
+            fmt(r.get("x_pml"), ".3g"),
+            fmt(r.get("per_floor"), ".3g"),
+            note,
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

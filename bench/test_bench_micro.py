@@ -13,6 +13,7 @@ Every benchmarked callable is a fwd+bwd step from bench/providers.py (synchronis
 on CUDA). Inputs are bench/harness.py's: randn embeddings, 4 samples per class,
 shuffled labels.
 """
+
 from __future__ import annotations
 
 import os

@@ -5,6 +5,7 @@ C++ extension, the path of its full build log). Then every available backend run
 the same random batch; its loss and gradient are compared with the float64
 brute-force reference, and its forward+backward is timed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,8 +55,10 @@ def main(argv=None) -> int:
         oracle = lambda x, y: smooth_ap_loss_reference(x, y)  # noqa: E731
         what = "Smooth-AP"
     status = backend_status()
-    print(f"pnp_kernels {__version__}, torch {torch.__version__}, device {device}"
-          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
+    print(
+        f"pnp_kernels {__version__}, torch {torch.__version__}, device {device}"
+        + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+    )
     for name, st in status.items():
         print(f"  backend {name:7s} {'available' if st['available'] else 'unavailable: ' + st['reason']}")
 
@@ -65,7 +68,7 @@ def main(argv=None) -> int:
     y = (torch.arange(B) // args.per_class)[torch.randperm(B, generator=gen)].to(device)
     E64 = E.double().requires_grad_()
     ref = oracle(E64, y)
-    g_ref, = torch.autograd.grad(ref, E64)
+    (g_ref,) = torch.autograd.grad(ref, E64)
 
     rows, ok = [], True
     for name, st in status.items():
@@ -75,7 +78,7 @@ def main(argv=None) -> int:
             continue  # the interpreter is for tests, not timing
         Ei = E.clone().requires_grad_()
         loss = ours(Ei, y, backend=name)
-        g, = torch.autograd.grad(loss, Ei)
+        (g,) = torch.autograd.grad(loss, Ei)
         loss_err = abs(loss.item() - ref.item()) / max(abs(ref.item()), 1e-30)
         grad_err = ((g.double() - g_ref).norm() / g_ref.norm().clamp_min(1e-30)).item()
         good = torch.isfinite(loss).item() and loss_err <= 1e-5 and grad_err <= 1e-5
@@ -84,6 +87,7 @@ def main(argv=None) -> int:
         def step():
             ours(Ei, y, backend=name).backward()
             Ei.grad = None
+
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
@@ -97,10 +101,11 @@ def main(argv=None) -> int:
         ms = _time_ms(step, device, args.repeats)
         rows.append((name, loss.item(), loss_err, grad_err, ms, mem, "ok" if good else "MISMATCH"))
 
-    ref_ms = _time_ms(lambda: oracle(E.clone().requires_grad_(), y).backward(),
-                      device, max(1, args.repeats // 2))
-    print(f"\nB={B}, D={D}, {args.per_class} per class, {what}; "
-          f"float64 reference loss {ref.item():.8f}; float32 reference fwd+bwd {ref_ms:.2f} ms")
+    ref_ms = _time_ms(lambda: oracle(E.clone().requires_grad_(), y).backward(), device, max(1, args.repeats // 2))
+    print(
+        f"\nB={B}, D={D}, {args.per_class} per class, {what}; "
+        f"float64 reference loss {ref.item():.8f}; float32 reference fwd+bwd {ref_ms:.2f} ms"
+    )
     print("| backend | loss | loss rel err | grad rel err | fwd+bwd ms (median) | memory | check |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:

@@ -82,8 +82,18 @@ class ReferenceLoss(torch.autograd.Function):
     query's own copy in Er, -1 for none; None for no copies at all)."""
 
     @staticmethod
-    def forward(ctx, Eq, yq, Er, yr, query_ref_index, spec: LossSpec, backend: str, need_q: bool,  # type: ignore[override]
-                need_r: bool):
+    def forward(
+        ctx,
+        Eq,
+        yq,
+        Er,
+        yr,
+        query_ref_index,
+        spec: LossSpec,
+        backend: str,
+        need_q: bool,  # type: ignore[override]
+        need_r: bool,
+    ):
         impl = get_backend(backend)
         compute_grad = need_q or need_r
         with _autocast_off(Eq.device.type):
@@ -102,8 +112,16 @@ class ReferenceLoss(torch.autograd.Function):
         *prep, n_valid, G = ctx.saved_tensors
         with _autocast_off(G.device.type):
             dEq, dEr = get_backend(backend).reference_backward(
-                grad_out, ReferencePrep(*prep), n_valid, G, spec, q_dtype, r_dtype,
-                need_q and ctx.needs_input_grad[0], need_r and ctx.needs_input_grad[2])
+                grad_out,
+                ReferencePrep(*prep),
+                n_valid,
+                G,
+                spec,
+                q_dtype,
+                r_dtype,
+                need_q and ctx.needs_input_grad[0],
+                need_r and ctx.needs_input_grad[2],
+            )
         return dEq, None, dEr, None, None, None, None, None, None
 
 
@@ -120,8 +138,19 @@ def _fresh(t: Tensor, inputs) -> Tensor:
 
 
 @torch.library.custom_op("pnp_kernels::square_loss_fwd", mutates_args=())
-def _square_fwd(E: Tensor, labels: Tensor, kind: int, variant: int, anneal: float, alpha: float, b: float,
-                cosine: bool, mean: bool, backend: str, compute_grad: bool) -> List[Tensor]:
+def _square_fwd(
+    E: Tensor,
+    labels: Tensor,
+    kind: int,
+    variant: int,
+    anneal: float,
+    alpha: float,
+    b: float,
+    cosine: bool,
+    mean: bool,
+    backend: str,
+    compute_grad: bool,
+) -> List[Tensor]:
     spec = LossSpec.from_flat(kind, variant, anneal, alpha, b, cosine, mean)
     with _autocast_off(E.device.type):
         out, n_valid, prep, G = get_backend(backend).loss_forward(E, labels, spec, compute_grad)
@@ -133,23 +162,49 @@ def _square_fwd_fake(E, labels, kind, variant, anneal, alpha, b, cosine, mean, b
     n, d = E.shape
     dt = LossSpec.compute_dtype_of(E.dtype)
     new = lambda *shape, dtype=dt: E.new_empty(shape, dtype=dtype)  # noqa: E731
-    return [new() if mean else new(n), new(), new(n, d), new(n, dtype=torch.int64), new(n, dtype=torch.int32),
-            new(n, dtype=torch.int32), new(n) if cosine else new(0), new(n, n) if compute_grad else new(0)]
+    return [
+        new() if mean else new(n),
+        new(),
+        new(n, d),
+        new(n, dtype=torch.int64),
+        new(n, dtype=torch.int32),
+        new(n, dtype=torch.int32),
+        new(n) if cosine else new(0),
+        new(n, n) if compute_grad else new(0),
+    ]
 
 
 @torch.library.custom_op("pnp_kernels::square_loss_bwd", mutates_args=())
-def _square_bwd(grad_out: Tensor, n_valid: Tensor, Xs: Tensor, perm: Tensor, lo: Tensor, hi: Tensor, denom: Tensor,
-                G: Tensor, kind: int, variant: int, anneal: float, alpha: float, b: float, cosine: bool, mean: bool,
-                out_dtype: torch.dtype, backend: str) -> Tensor:
+def _square_bwd(
+    grad_out: Tensor,
+    n_valid: Tensor,
+    Xs: Tensor,
+    perm: Tensor,
+    lo: Tensor,
+    hi: Tensor,
+    denom: Tensor,
+    G: Tensor,
+    kind: int,
+    variant: int,
+    anneal: float,
+    alpha: float,
+    b: float,
+    cosine: bool,
+    mean: bool,
+    out_dtype: torch.dtype,
+    backend: str,
+) -> Tensor:
     spec = LossSpec.from_flat(kind, variant, anneal, alpha, b, cosine, mean)
     with _autocast_off(G.device.type):
-        return get_backend(backend).loss_backward(grad_out, SquarePrep(Xs, perm, lo, hi, denom), n_valid, G, spec,
-                                                  out_dtype)
+        return get_backend(backend).loss_backward(
+            grad_out, SquarePrep(Xs, perm, lo, hi, denom), n_valid, G, spec, out_dtype
+        )
 
 
 @_square_bwd.register_fake
-def _square_bwd_fake(grad_out, n_valid, Xs, perm, lo, hi, denom, G, kind, variant, anneal, alpha, b, cosine, mean,
-                     out_dtype, backend):
+def _square_bwd_fake(
+    grad_out, n_valid, Xs, perm, lo, hi, denom, G, kind, variant, anneal, alpha, b, cosine, mean, out_dtype, backend
+):
     return Xs.new_empty(Xs.shape, dtype=out_dtype)
 
 
@@ -171,47 +226,116 @@ _square_fwd.register_autograd(_square_backward, setup_context=_square_setup)
 
 
 @torch.library.custom_op("pnp_kernels::reference_loss_fwd", mutates_args=())
-def _reference_fwd(Eq: Tensor, yq: Tensor, Er: Tensor, yr: Tensor, query_ref_index: Optional[Tensor], kind: int,
-                   variant: int, anneal: float, alpha: float, b: float, cosine: bool, mean: bool, backend: str,
-                   compute_grad: bool) -> List[Tensor]:
+def _reference_fwd(
+    Eq: Tensor,
+    yq: Tensor,
+    Er: Tensor,
+    yr: Tensor,
+    query_ref_index: Optional[Tensor],
+    kind: int,
+    variant: int,
+    anneal: float,
+    alpha: float,
+    b: float,
+    cosine: bool,
+    mean: bool,
+    backend: str,
+    compute_grad: bool,
+) -> List[Tensor]:
     spec = LossSpec.from_flat(kind, variant, anneal, alpha, b, cosine, mean)
     with _autocast_off(Eq.device.type):
-        out, n_valid, prep, G = get_backend(backend).reference_forward(Eq, yq, Er, yr, query_ref_index, spec,
-                                                                       compute_grad)
+        out, n_valid, prep, G = get_backend(backend).reference_forward(
+            Eq, yq, Er, yr, query_ref_index, spec, compute_grad
+        )
     inputs = (Eq, yq, Er, yr, query_ref_index)
     return [out, n_valid, *[_fresh(t, inputs) for t in prep], _empty_like_none(G, out)]
 
 
 @_reference_fwd.register_fake
-def _reference_fwd_fake(Eq, yq, Er, yr, query_ref_index, kind, variant, anneal, alpha, b, cosine, mean, backend,
-                        compute_grad):
+def _reference_fwd_fake(
+    Eq, yq, Er, yr, query_ref_index, kind, variant, anneal, alpha, b, cosine, mean, backend, compute_grad
+):
     q, d = Eq.shape
     m = Er.shape[0]
     dt = LossSpec.compute_dtype_of(Eq.dtype)
     new = lambda *shape, dtype=dt: Eq.new_empty(shape, dtype=dtype)  # noqa: E731
-    return [new() if mean else new(q), new(), new(q, d), new(q) if cosine else new(0), new(m, d),
-            new(m, dtype=torch.int64), new(m) if cosine else new(0), new(q, dtype=torch.int32),
-            new(q, dtype=torch.int32), new(q, m) if compute_grad else new(0)]
+    return [
+        new() if mean else new(q),
+        new(),
+        new(q, d),
+        new(q) if cosine else new(0),
+        new(m, d),
+        new(m, dtype=torch.int64),
+        new(m) if cosine else new(0),
+        new(q, dtype=torch.int32),
+        new(q, dtype=torch.int32),
+        new(q, m) if compute_grad else new(0),
+    ]
 
 
 @torch.library.custom_op("pnp_kernels::reference_loss_bwd", mutates_args=())
-def _reference_bwd(grad_out: Tensor, n_valid: Tensor, Xq: Tensor, denom_q: Tensor, Xr: Tensor, perm_r: Tensor,
-                   denom_r: Tensor, lo: Tensor, hi: Tensor, G: Tensor, kind: int, variant: int, anneal: float,
-                   alpha: float, b: float, cosine: bool, mean: bool, q_dtype: torch.dtype, r_dtype: torch.dtype,
-                   backend: str, need_q: bool, need_r: bool) -> List[Tensor]:
+def _reference_bwd(
+    grad_out: Tensor,
+    n_valid: Tensor,
+    Xq: Tensor,
+    denom_q: Tensor,
+    Xr: Tensor,
+    perm_r: Tensor,
+    denom_r: Tensor,
+    lo: Tensor,
+    hi: Tensor,
+    G: Tensor,
+    kind: int,
+    variant: int,
+    anneal: float,
+    alpha: float,
+    b: float,
+    cosine: bool,
+    mean: bool,
+    q_dtype: torch.dtype,
+    r_dtype: torch.dtype,
+    backend: str,
+    need_q: bool,
+    need_r: bool,
+) -> List[Tensor]:
     spec = LossSpec.from_flat(kind, variant, anneal, alpha, b, cosine, mean)
     prep = ReferencePrep(Xq, denom_q, Xr, perm_r, denom_r, lo, hi)
     with _autocast_off(G.device.type):
-        dEq, dEr = get_backend(backend).reference_backward(grad_out, prep, n_valid, G, spec, q_dtype, r_dtype,
-                                                           need_q, need_r)
+        dEq, dEr = get_backend(backend).reference_backward(
+            grad_out, prep, n_valid, G, spec, q_dtype, r_dtype, need_q, need_r
+        )
     return [_empty_like_none(dEq, Xq), _empty_like_none(dEr, Xr)]
 
 
 @_reference_bwd.register_fake
-def _reference_bwd_fake(grad_out, n_valid, Xq, denom_q, Xr, perm_r, denom_r, lo, hi, G, kind, variant, anneal, alpha,
-                        b, cosine, mean, q_dtype, r_dtype, backend, need_q, need_r):
-    return [Xq.new_empty(Xq.shape if need_q else (0,), dtype=q_dtype),
-            Xr.new_empty(Xr.shape if need_r else (0,), dtype=r_dtype)]
+def _reference_bwd_fake(
+    grad_out,
+    n_valid,
+    Xq,
+    denom_q,
+    Xr,
+    perm_r,
+    denom_r,
+    lo,
+    hi,
+    G,
+    kind,
+    variant,
+    anneal,
+    alpha,
+    b,
+    cosine,
+    mean,
+    q_dtype,
+    r_dtype,
+    backend,
+    need_q,
+    need_r,
+):
+    return [
+        Xq.new_empty(Xq.shape if need_q else (0,), dtype=q_dtype),
+        Xr.new_empty(Xr.shape if need_r else (0,), dtype=r_dtype),
+    ]
 
 
 def _reference_setup(ctx, inputs, output):
@@ -225,8 +349,9 @@ def _reference_backward(ctx, grads):
     if not compute_grad:
         raise RuntimeError(_NO_GRAD_MSG)
     need_q, need_r = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-    dEq, dEr = _reference_bwd(grads[0].contiguous(), *ctx.saved_tensors, *flat, q_dtype, r_dtype, backend,
-                              need_q, need_r)
+    dEq, dEr = _reference_bwd(
+        grads[0].contiguous(), *ctx.saved_tensors, *flat, q_dtype, r_dtype, backend, need_q, need_r
+    )
     return (dEq if need_q else None, None, dEr if need_r else None) + (None,) * 11
 
 
@@ -244,8 +369,17 @@ def apply_square(E: Tensor, labels: Tensor, spec: LossSpec, backend: str, comput
     return SquareLoss.apply(E, labels, spec, backend, compute_grad)
 
 
-def apply_reference(Eq: Tensor, yq: Tensor, Er: Tensor, yr: Tensor, query_ref_index: Optional[Tensor],
-                    spec: LossSpec, backend: str, need_q: bool, need_r: bool) -> Tuple[Tensor, Tensor]:
+def apply_reference(
+    Eq: Tensor,
+    yq: Tensor,
+    Er: Tensor,
+    yr: Tensor,
+    query_ref_index: Optional[Tensor],
+    spec: LossSpec,
+    backend: str,
+    need_q: bool,
+    need_r: bool,
+) -> Tuple[Tensor, Tensor]:
     """(output, n_valid) of queries ranked against a reference set."""
     if is_compiling():
         res = _reference_fwd(Eq, yq, Er, yr, query_ref_index, *spec.flat(), backend, need_q or need_r)

@@ -124,8 +124,17 @@ def distributed_loss(
         ref_y = torch.cat([gathered_labels, ref_labels])
     offset = sum(sizes[:rank])
     query_ref_index = torch.arange(offset, offset + embeddings.shape[0], device=embeddings.device)
-    rows, n_local = apply_reference(embeddings, labels, ref, ref_y, query_ref_index, replace(spec, mean=False),
-                                    backend, need_q, grad and ref.requires_grad)
+    rows, n_local = apply_reference(
+        embeddings,
+        labels,
+        ref,
+        ref_y,
+        query_ref_index,
+        replace(spec, mean=False),
+        backend,
+        need_q,
+        grad and ref.requires_grad,
+    )
     local_sum = rows.sum()
     stats = torch.stack([local_sum.detach(), n_local.detach().to(local_sum.dtype)])
     dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)

@@ -48,15 +48,29 @@ def check_options(similarity, reduction, backend) -> None:
 def pnp_spec(variant="O", anneal=0.01, alpha=1.0, b=2.0, similarity="cosine", reduction="mean") -> LossSpec:
     """The checked spec of a PNP call."""
     v = resolve_variant(variant)
-    spec = LossSpec(LOSS_PNP, v, check_positive("anneal", anneal), check_positive("alpha", alpha),
-                    check_positive("b", b), similarity == "cosine", reduction == "mean")
+    spec = LossSpec(
+        LOSS_PNP,
+        v,
+        check_positive("anneal", anneal),
+        check_positive("alpha", alpha),
+        check_positive("b", b),
+        similarity == "cosine",
+        reduction == "mean",
+    )
     return spec
 
 
 def smooth_ap_spec(temperature=0.01, similarity="cosine", reduction="mean") -> LossSpec:
     """The checked spec of a Smooth-AP call."""
-    return LossSpec(LOSS_SMOOTH_AP, VARIANTS["O"], check_positive("temperature", temperature), 1.0, 2.0,
-                    similarity == "cosine", reduction == "mean")
+    return LossSpec(
+        LOSS_SMOOTH_AP,
+        VARIANTS["O"],
+        check_positive("temperature", temperature),
+        1.0,
+        2.0,
+        similarity == "cosine",
+        reduction == "mean",
+    )
 
 
 def _check_embeddings(t, name: str) -> None:
@@ -164,12 +178,20 @@ def compute_loss(
                 "reference set and each query's own copy is found there); pass only ref_emb/ref_labels"
             )
         if dist_mode.world_size(process_group) > 1:
-            return dist_mode.distributed_loss(embeddings, labels, ref_emb, ref_labels, spec, impl.name,
-                                              process_group)
+            return dist_mode.distributed_loss(embeddings, labels, ref_emb, ref_labels, spec, impl.name, process_group)
     if ref_emb is None or ref_labels is None:
         return apply_square(embeddings, labels, spec, impl.name, grad and embeddings.requires_grad)
-    return apply_reference(embeddings, labels, ref_emb, ref_labels, query_ref_index, spec, impl.name,
-                           grad and embeddings.requires_grad, grad and ref_emb.requires_grad)
+    return apply_reference(
+        embeddings,
+        labels,
+        ref_emb,
+        ref_labels,
+        query_ref_index,
+        spec,
+        impl.name,
+        grad and embeddings.requires_grad,
+        grad and ref_emb.requires_grad,
+    )
 
 
 def pnp_loss(
@@ -230,8 +252,9 @@ def pnp_loss(
     """
     check_options(similarity, reduction, backend)
     spec = pnp_spec(variant, anneal, alpha, b, similarity, reduction)
-    return compute_loss(embeddings, labels, ref_emb, ref_labels, query_ref_index, spec, backend, distributed,
-                        process_group)[0]
+    return compute_loss(
+        embeddings, labels, ref_emb, ref_labels, query_ref_index, spec, backend, distributed, process_group
+    )[0]
 
 
 def smooth_ap_loss(
@@ -262,5 +285,6 @@ def smooth_ap_loss(
     """
     check_options(similarity, reduction, backend)
     spec = smooth_ap_spec(temperature, similarity, reduction)
-    return compute_loss(embeddings, labels, ref_emb, ref_labels, query_ref_index, spec, backend, distributed,
-                        process_group)[0]
+    return compute_loss(
+        embeddings, labels, ref_emb, ref_labels, query_ref_index, spec, backend, distributed, process_group
+    )[0]

@@ -38,12 +38,22 @@ class _RankingLoss(nn.Module):
         ref_labels: Optional[Tensor] = None,
         query_ref_index: Optional[Tensor] = None,
     ) -> Tensor:
-        return compute_loss(embeddings, labels, ref_emb, ref_labels, query_ref_index, self.spec, self.backend,
-                            self.distributed, self.process_group)[0]
+        return compute_loss(
+            embeddings,
+            labels,
+            ref_emb,
+            ref_labels,
+            query_ref_index,
+            self.spec,
+            self.backend,
+            self.distributed,
+            self.process_group,
+        )[0]
 
     def _common_repr(self) -> str:
-        return (f"similarity={self.similarity!r}, reduction={self.reduction!r}, backend={self.backend!r}"
-                + (", distributed=True" if self.distributed else ""))
+        return f"similarity={self.similarity!r}, reduction={self.reduction!r}, backend={self.backend!r}" + (
+            ", distributed=True" if self.distributed else ""
+        )
 
 
 class PNPLoss(_RankingLoss):
@@ -62,8 +72,18 @@ class PNPLoss(_RankingLoss):
         loss.backward()
     """
 
-    def __init__(self, variant="O", anneal=0.01, alpha=1.0, b=2.0, similarity="cosine", reduction="mean",
-                 backend="auto", distributed=False, process_group=None):
+    def __init__(
+        self,
+        variant="O",
+        anneal=0.01,
+        alpha=1.0,
+        b=2.0,
+        similarity="cosine",
+        reduction="mean",
+        backend="auto",
+        distributed=False,
+        process_group=None,
+    ):
         super().__init__(similarity, reduction, backend, distributed, process_group)
         self.spec = pnp_spec(variant, anneal, alpha, b, similarity, reduction)
         self.variant = self.spec.variant.name
@@ -83,8 +103,15 @@ class SmoothAPLoss(_RankingLoss):
     ``similarity``, ``reduction``, ``backend``, ``distributed``, ``process_group``.
     """
 
-    def __init__(self, temperature=0.01, similarity="cosine", reduction="mean", backend="auto", distributed=False,
-                 process_group=None):
+    def __init__(
+        self,
+        temperature=0.01,
+        similarity="cosine",
+        reduction="mean",
+        backend="auto",
+        distributed=False,
+        process_group=None,
+    ):
         super().__init__(similarity, reduction, backend, distributed, process_group)
         self.spec = smooth_ap_spec(temperature, similarity, reduction)
         self.temperature = self.spec.anneal

@@ -63,10 +63,12 @@ class LossSpec:
         return (self.kind, self.variant.code, self.anneal, self.alpha, self.b, self.cosine, self.mean)
 
     @staticmethod
-    def from_flat(kind: int, variant_code: int, anneal: float, alpha: float, b: float, cosine: bool,
-                  mean: bool) -> LossSpec:
-        return LossSpec(int(kind), variant_by_code(variant_code), float(anneal), float(alpha), float(b),
-                        bool(cosine), bool(mean))
+    def from_flat(
+        kind: int, variant_code: int, anneal: float, alpha: float, b: float, cosine: bool, mean: bool
+    ) -> LossSpec:
+        return LossSpec(
+            int(kind), variant_by_code(variant_code), float(anneal), float(alpha), float(b), bool(cosine), bool(mean)
+        )
 
 
 class SquarePrep(NamedTuple):

@@ -96,9 +96,7 @@ VARIANTS: Dict[str, Variant] = {
     v.name: v
     for v in (
         Variant("O", 0, ("PNP-O",), lambda R, a, b: R, lambda R, a, b: torch.ones_like(R), "R"),
-        Variant(
-            "Ds", 1, ("PNP-D_s",), lambda R, a, b: torch.log1p(R), lambda R, a, b: 1.0 / (1.0 + R), "log(1+R)"
-        ),
+        Variant("Ds", 1, ("PNP-D_s",), lambda R, a, b: torch.log1p(R), lambda R, a, b: 1.0 / (1.0 + R), "log(1+R)"),
         Variant(
             "Dq",
             2,

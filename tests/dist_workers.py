@@ -82,8 +82,10 @@ def run_scenario(rank, world, sc, gather_patch=None):
     args = [x, y[slice_of(sizes, rank)]]
     if mem_rows:
         gen = torch.Generator().manual_seed(seed + 1000)
-        args += [torch.randn(mem_rows, D, generator=gen, dtype=torch.float64), torch.randint(0, 4, (mem_rows,),
-                                                                                              generator=gen)]
+        args += [
+            torch.randn(mem_rows, D, generator=gen, dtype=torch.float64),
+            torch.randint(0, 4, (mem_rows,), generator=gen),
+        ]
     saved = dist_mode.gather_with_grad
     if gather_patch is not None:
         dist_mode.gather_with_grad = gather_patch
@@ -118,8 +120,9 @@ def run_memory(rank, world):
     import pnp_kernels
 
     sizes = sizes_for(world)
-    xbm = pnp_kernels.CrossBatchMemory(pnp_kernels.PNPLoss(variant="Ds", anneal=0.05, distributed=True,
-                                                           backend="torch"), D, 10)
+    xbm = pnp_kernels.CrossBatchMemory(
+        pnp_kernels.PNPLoss(variant="Ds", anneal=0.05, distributed=True, backend="torch"), D, 10
+    )
     results = []
     for step in range(3):
         E, y = global_batch(sizes, 40 + step)
@@ -141,9 +144,12 @@ def main(rank, world, port, out_dir):
         for sc in scenarios(world):
             res["scenarios"][sc[0]] = run_scenario(rank, world, sc)
         # negative control: a gallery gathered without autograd
-        res["no_grad_gather"] = run_scenario(rank, world, scenarios(world)[0],
-                                             gather_patch=lambda x, group=None, sizes=None: dist_mode.gather_no_grad(
-                                                 x, group, sizes))
+        res["no_grad_gather"] = run_scenario(
+            rank,
+            world,
+            scenarios(world)[0],
+            gather_patch=lambda x, group=None, sizes=None: dist_mode.gather_no_grad(x, group, sizes),
+        )
         res["ddp"] = run_ddp(rank, world)
         res["memory"] = run_memory(rank, world)
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))

@@ -19,16 +19,22 @@ D = 6
 
 def _losses(kind, backend):
     if kind == "pnp":
-        return (pnp_kernels.PNPLoss(variant="Dq", alpha=2.0, anneal=0.05, backend=backend),
-                lambda *a, **k: pnp_loss_reference(*a, variant="Dq", alpha=2.0, anneal=0.05, **k))
-    return (pnp_kernels.SmoothAPLoss(temperature=0.05, backend=backend),
-            lambda *a, **k: smooth_ap_loss_reference(*a, temperature=0.05, **k))
+        return (
+            pnp_kernels.PNPLoss(variant="Dq", alpha=2.0, anneal=0.05, backend=backend),
+            lambda *a, **k: pnp_loss_reference(*a, variant="Dq", alpha=2.0, anneal=0.05, **k),
+        )
+    return (
+        pnp_kernels.SmoothAPLoss(temperature=0.05, backend=backend),
+        lambda *a, **k: smooth_ap_loss_reference(*a, temperature=0.05, **k),
+    )
 
 
 def _batches(n, B, seed, dtype):
     gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn(B, D, generator=gen, dtype=torch.float64).to(dtype), torch.randint(0, 4, (B,), generator=gen))
-            for _ in range(n)]
+    return [
+        (torch.randn(B, D, generator=gen, dtype=torch.float64).to(dtype), torch.randint(0, 4, (B,), generator=gen))
+        for _ in range(n)
+    ]
 
 
 @pytest.mark.parametrize("kind", ["pnp", "smooth_ap"])

@@ -75,8 +75,7 @@ def _single(sc):
         gen = torch.Generator().manual_seed(seed + 1000)
         mem = torch.randn(mem_rows, W_.D, generator=gen, dtype=torch.float64)
         ym = torch.randint(0, 4, (mem_rows,), generator=gen)
-        loss = fn(x, y, torch.cat([x, mem]), torch.cat([y, ym]), query_ref_index=torch.arange(len(y)),
-                  backend=backend)
+        loss = fn(x, y, torch.cat([x, mem]), torch.cat([y, ym]), query_ref_index=torch.arange(len(y)), backend=backend)
     else:
         loss = fn(x, y, backend=backend)
     loss.backward()

@@ -11,8 +11,9 @@ from pnp_kernels.variants import LOSS_PNP, LOSS_SMOOTH_AP, VARIANTS
 
 from conftest import require_backend
 
-CASES = [(kind, cosine, mean) for kind in (LOSS_PNP, LOSS_SMOOTH_AP) for cosine in (True, False)
-         for mean in (True, False)]
+CASES = [
+    (kind, cosine, mean) for kind in (LOSS_PNP, LOSS_SMOOTH_AP) for cosine in (True, False) for mean in (True, False)
+]
 
 
 def _devices_and_backends():
@@ -54,6 +55,14 @@ def test_reference_ops(device, backend, kind, cosine, mean):
     args = (Eq, yq, Er, yr, qri, *_flat(kind, cosine, mean), backend, True)
     torch.library.opcheck(torch.ops.pnp_kernels.reference_loss_fwd.default, args)
     out = torch.ops.pnp_kernels.reference_loss_fwd(*args)
-    bwd_args = (torch.ones_like(out[0]), *[t.detach() for t in out[1:]], *_flat(kind, cosine, mean), Eq.dtype,
-                Er.dtype, backend, True, True)
+    bwd_args = (
+        torch.ones_like(out[0]),
+        *[t.detach() for t in out[1:]],
+        *_flat(kind, cosine, mean),
+        Eq.dtype,
+        Er.dtype,
+        backend,
+        True,
+        True,
+    )
     torch.library.opcheck(torch.ops.pnp_kernels.reference_loss_bwd.default, bwd_args)

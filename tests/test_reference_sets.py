@@ -28,11 +28,15 @@ CASE_IDS = [f"pnp-{v}" if k == "pnp" else "smooth_ap" for k, v in CASES]
 def _loss(kind, variant, **kw):
     if kind == "pnp":
         opts = dict(variant=variant, anneal=0.05, alpha=2.0, b=3.0)
-        return (lambda *a, **k: pnp_kernels.pnp_loss(*a, **opts, **kw, **k),
-                lambda *a, **k: pnp_loss_reference(*a, **opts, **kw, **k))
+        return (
+            lambda *a, **k: pnp_kernels.pnp_loss(*a, **opts, **kw, **k),
+            lambda *a, **k: pnp_loss_reference(*a, **opts, **kw, **k),
+        )
     opts = dict(temperature=0.05)
-    return (lambda *a, **k: pnp_kernels.smooth_ap_loss(*a, **opts, **kw, **k),
-            lambda *a, **k: smooth_ap_loss_reference(*a, **opts, **kw, **k))
+    return (
+        lambda *a, **k: pnp_kernels.smooth_ap_loss(*a, **opts, **kw, **k),
+        lambda *a, **k: smooth_ap_loss_reference(*a, **opts, **kw, **k),
+    )
 
 
 def rect_case(Q, M, D, similarity, gen, dtype=torch.float32):

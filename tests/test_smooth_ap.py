@@ -45,8 +45,9 @@ def test_parity(backend, similarity, pattern, temperature):
     B, D = SHAPES[backend]
     if backend == "triton" and pattern == "one_class":
         B = 20
-    gen = make_generator(5000 + 10 * PATTERNS.index(pattern) + SIMILARITIES.index(similarity)
-                         + 100 * TEMPERATURES.index(temperature))
+    gen = make_generator(
+        5000 + 10 * PATTERNS.index(pattern) + SIMILARITIES.index(similarity) + 100 * TEMPERATURES.index(temperature)
+    )
     labels = make_labels(pattern, B, gen)
     E = make_embeddings(B, D, similarity, gen)
     kw = dict(similarity=similarity, temperature=temperature)
@@ -94,8 +95,9 @@ def test_gradcheck():
     gen = make_generator(5400)
     labels = torch.tensor([3, 1, 3, 7, 1, 3, 9, 7])
     E = torch.randn(8, 4, generator=gen, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x: smooth_ap_loss(x, labels, temperature=0.1, backend="torch"), (E,),
-                                    eps=1e-6, atol=1e-7, rtol=1e-5)
+    assert torch.autograd.gradcheck(
+        lambda x: smooth_ap_loss(x, labels, temperature=0.1, backend="torch"), (E,), eps=1e-6, atol=1e-7, rtol=1e-5
+    )
 
 
 def test_module_equals_function():
@@ -151,8 +153,13 @@ def test_pml_deviates_on_non_square_batches():
 # half precision, compile
 # ---------------------------------------------------------------------------
 
-HALF_CASES = [("torch", torch.float16), ("torch", torch.bfloat16), ("ext", torch.float16),
-              ("ext", torch.bfloat16), ("triton", torch.float16)]
+HALF_CASES = [
+    ("torch", torch.float16),
+    ("torch", torch.bfloat16),
+    ("ext", torch.float16),
+    ("ext", torch.bfloat16),
+    ("triton", torch.float16),
+]
 
 
 UNIT_ROUNDOFF = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}

@@ -7,6 +7,7 @@ rows), a segment of more than 16 positives (several chunks) and strided rows. Th
 stages around it are checked against plain torch. Shapes are tiny: under
 TRITON_INTERPRET=1 the kernels run on the CPU.
 """
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -122,8 +123,8 @@ def test_rows_strided_view(kind):
     S64, lo, hi = _rect_block(seed=7)
     Q, M = S64.shape
     buf = torch.full((Q, M + 7), 123.0)
-    buf[:, 3:3 + M] = S64.float()
-    view = buf[:, 3:3 + M]
+    buf[:, 3 : 3 + M] = S64.float()
+    view = buf[:, 3 : 3 + M]
     assert view.stride() == (M + 7, 1)
     _check_rows(S64, lo, hi, kind, "Iu", anneal=0.05, S32=view)
     tview = S64.float().t().contiguous().t()  # column stride != 1
@@ -157,6 +158,7 @@ def test_rows_rejects_non_float32():
 
 
 # ---- the stages around the row kernel ----
+
 
 def _torch_prep(E, labels, cosine):
     sorted_labels, perm = torch.sort(labels, stable=True)

@@ -59,8 +59,12 @@ def test_triton_constants_follow_the_table():
     for name, want in table.items():
         value = getattr(found[name], "value", found[name])
         assert value == want, name
-    for name, want in (("_SERIES_MAX", variants.SERIES_MAX), ("_LOG1P_TERMS", variants.LOG1P_SERIES_TERMS),
-                       ("_XLOG_TERMS", variants.XLOG_SERIES_TERMS), ("_EXPM1_TERMS", variants.EXPM1_SERIES_TERMS)):
+    for name, want in (
+        ("_SERIES_MAX", variants.SERIES_MAX),
+        ("_LOG1P_TERMS", variants.LOG1P_SERIES_TERMS),
+        ("_XLOG_TERMS", variants.XLOG_SERIES_TERMS),
+        ("_EXPM1_TERMS", variants.EXPM1_SERIES_TERMS),
+    ):
         assert getattr(getattr(tk, name), "value", getattr(tk, name)) == want, name
 
 

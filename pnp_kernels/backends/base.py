@@ -54,7 +54,7 @@ class Backend:
     # ---- availability and input checks ----------------------------------------------
 
     def why_unavailable(self) -> str:
-        """"" when usable in this process, else a one-line reason."""
+        """ "" when usable in this process, else a one-line reason."""
         return ""
 
     def is_available(self) -> bool:

@@ -47,7 +47,14 @@ class ExtBackend(Backend):
         if S.shape[1] > 0 and S.stride(1) != 1:
             S = S.contiguous()
         loss, G = ext_build.ops().rows_forward(
-            S, lo.contiguous(), hi.contiguous(), spec.kind, spec.variant.code, spec.anneal, spec.alpha, spec.b,
+            S,
+            lo.contiguous(),
+            hi.contiguous(),
+            spec.kind,
+            spec.variant.code,
+            spec.anneal,
+            spec.alpha,
+            spec.b,
             compute_grad,
         )
         return loss, (G if compute_grad else None)
@@ -59,7 +66,15 @@ class ExtBackend(Backend):
 
     def loss_forward(self, E: torch.Tensor, labels: torch.Tensor, spec: LossSpec, compute_grad: bool) -> ForwardResult:
         out, n_valid, Xs, perm, lo, hi, denom, G = ext_build.ops().loss_forward(
-            E, labels, spec.kind, spec.variant.code, spec.anneal, spec.alpha, spec.b, spec.cosine, spec.mean,
+            E,
+            labels,
+            spec.kind,
+            spec.variant.code,
+            spec.anneal,
+            spec.alpha,
+            spec.b,
+            spec.cosine,
+            spec.mean,
             compute_grad,
         )
         return out, n_valid, SquarePrep(Xs, perm, lo, hi, denom), (G if compute_grad else None)

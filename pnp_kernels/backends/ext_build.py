@@ -449,8 +449,7 @@ def _selfcheck() -> int:  # pragma: no cover - manual / GPU-machine tool
             for kind_name, kind in LOSS_KINDS.items():
                 for v in VARIANTS.values() if kind_name == "pnp" else (VARIANTS["O"],):
                     Sr = S64.clone().requires_grad_(True)
-                    ref_l = row_losses_reference(Sr, lo, hi, kind=kind, variant=v.name, anneal=0.05, alpha=1.3,
-                                                 b=2.0)
+                    ref_l = row_losses_reference(Sr, lo, hi, kind=kind, variant=v.name, anneal=0.05, alpha=1.3, b=2.0)
                     (ref_G,) = torch.autograd.grad((ref_l * w).sum(), Sr)
                     ref_G = ref_G / w[:, None]
                     for dtype in (torch.float32, torch.float64):

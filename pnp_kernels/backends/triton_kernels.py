@@ -39,6 +39,7 @@ summation order; in backward ``_symmetric_grad_kernel`` forms
 H = diag(g) G + (diag(g) G)^T for the GEMM dX = H X, and ``_unprep_kernel`` goes back
 through the normalisation and the permutation.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -186,9 +187,24 @@ if triton is not None:
 
     @triton.jit
     def _row_chunk(
-        s_row, g_row, lo, hi, p0, n_cols, scale, inv_tau, inv_cnt, alpha, b,
-        LOSS: tl.constexpr, VARIANT: tl.constexpr, COMPUTE_GRAD: tl.constexpr, ACCUMULATE: tl.constexpr,
-        BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
+        s_row,
+        g_row,
+        lo,
+        hi,
+        p0,
+        n_cols,
+        scale,
+        inv_tau,
+        inv_cnt,
+        alpha,
+        b,
+        LOSS: tl.constexpr,
+        VARIANT: tl.constexpr,
+        COMPUTE_GRAD: tl.constexpr,
+        ACCUMULATE: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_S: tl.constexpr,
     ):
         """Positives [p0, p0 + BLOCK_P) of one row: returns their summed loss; writes/accumulates dS."""
         offs_p = p0 + tl.arange(0, BLOCK_P)
@@ -276,12 +292,18 @@ if triton is not None:
 
     @triton.jit
     def _rows_kernel(
-        S_ptr, stride_s,
-        lo_ptr, hi_ptr,
+        S_ptr,
+        stride_s,
+        lo_ptr,
+        hi_ptr,
         loss_ptr,
-        G_ptr, stride_g,
+        G_ptr,
+        stride_g,
         n_cols,
-        scale, inv_tau, alpha, b,
+        scale,
+        inv_tau,
+        alpha,
+        b,
         LOSS: tl.constexpr,
         VARIANT: tl.constexpr,
         COMPUTE_GRAD: tl.constexpr,
@@ -307,17 +329,89 @@ if triton is not None:
                     offs = k0 + tl.arange(0, TILE)
                     tl.store(g_row + offs, tl.zeros([TILE], dtype=tl.float32), mask=offs < n_cols)
         elif cnt <= 4:
-            loss = _row_chunk(s_row, g_row, lo, hi, lo, n_cols, scale, inv_tau, inv_cnt, alpha, b,
-                              LOSS, VARIANT, COMPUTE_GRAD, False, 4, TILE // 4, BLOCK_S)
+            loss = _row_chunk(
+                s_row,
+                g_row,
+                lo,
+                hi,
+                lo,
+                n_cols,
+                scale,
+                inv_tau,
+                inv_cnt,
+                alpha,
+                b,
+                LOSS,
+                VARIANT,
+                COMPUTE_GRAD,
+                False,
+                4,
+                TILE // 4,
+                BLOCK_S,
+            )
         elif cnt <= 8:
-            loss = _row_chunk(s_row, g_row, lo, hi, lo, n_cols, scale, inv_tau, inv_cnt, alpha, b,
-                              LOSS, VARIANT, COMPUTE_GRAD, False, 8, TILE // 8, BLOCK_S)
+            loss = _row_chunk(
+                s_row,
+                g_row,
+                lo,
+                hi,
+                lo,
+                n_cols,
+                scale,
+                inv_tau,
+                inv_cnt,
+                alpha,
+                b,
+                LOSS,
+                VARIANT,
+                COMPUTE_GRAD,
+                False,
+                8,
+                TILE // 8,
+                BLOCK_S,
+            )
         else:
-            loss = _row_chunk(s_row, g_row, lo, hi, lo, n_cols, scale, inv_tau, inv_cnt, alpha, b,
-                              LOSS, VARIANT, COMPUTE_GRAD, False, 16, TILE // 16, BLOCK_S)
+            loss = _row_chunk(
+                s_row,
+                g_row,
+                lo,
+                hi,
+                lo,
+                n_cols,
+                scale,
+                inv_tau,
+                inv_cnt,
+                alpha,
+                b,
+                LOSS,
+                VARIANT,
+                COMPUTE_GRAD,
+                False,
+                16,
+                TILE // 16,
+                BLOCK_S,
+            )
             for p0 in range(lo + 16, hi, 16):
-                loss += _row_chunk(s_row, g_row, lo, hi, p0, n_cols, scale, inv_tau, inv_cnt, alpha, b,
-                                   LOSS, VARIANT, COMPUTE_GRAD, True, 16, TILE // 16, BLOCK_S)
+                loss += _row_chunk(
+                    s_row,
+                    g_row,
+                    lo,
+                    hi,
+                    p0,
+                    n_cols,
+                    scale,
+                    inv_tau,
+                    inv_cnt,
+                    alpha,
+                    b,
+                    LOSS,
+                    VARIANT,
+                    COMPUTE_GRAD,
+                    True,
+                    16,
+                    TILE // 16,
+                    BLOCK_S,
+                )
         tl.store(loss_ptr + row, loss * inv_cnt)
 
     @triton.jit
@@ -335,9 +429,17 @@ if triton is not None:
 
     @triton.jit
     def _symmetric_grad_kernel(
-        G_ptr, stride_g, H_ptr, stride_h, n,
-        g_ptr, g_stride, perm_ptr, n_valid_ptr,
-        MODE: tl.constexpr, BLOCK: tl.constexpr,
+        G_ptr,
+        stride_g,
+        H_ptr,
+        stride_h,
+        n,
+        g_ptr,
+        g_stride,
+        perm_ptr,
+        n_valid_ptr,
+        MODE: tl.constexpr,
+        BLOCK: tl.constexpr,
     ):
         # H[a, b] = g_a G[a, b] + g_b G[b, a]: the gradient of S = X X^T folded onto one factor.
         pid_a = tl.program_id(0)
@@ -357,8 +459,21 @@ if triton is not None:
         tl.store(H_ptr + a64[:, None] * stride_h + b64[None, :], H, mask=m2)
 
     @triton.jit
-    def _gather_normalize(E_ptr, stride_er, stride_ec, Xs_ptr, denom_ptr, src, dst, rmask, D, eps,
-                          COSINE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _gather_normalize(
+        E_ptr,
+        stride_er,
+        stride_ec,
+        Xs_ptr,
+        denom_ptr,
+        src,
+        dst,
+        rmask,
+        D,
+        eps,
+        COSINE: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
         """Xs[dst] = E[src] / max(||E[src]||, eps) (or E[src] for "dot"), in float32."""
         e_rows = E_ptr + src.to(tl.int64)[:, None] * stride_er
         x_rows = Xs_ptr + dst.to(tl.int64)[:, None] * D
@@ -382,9 +497,22 @@ if triton is not None:
 
     @triton.jit
     def _prep_count_kernel(
-        labels_ptr, perm_ptr, E_ptr, stride_er, stride_ec, Xs_ptr, lo_ptr, hi_ptr, denom_ptr,
-        n, D, eps,
-        COSINE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
+        labels_ptr,
+        perm_ptr,
+        E_ptr,
+        stride_er,
+        stride_ec,
+        Xs_ptr,
+        lo_ptr,
+        hi_ptr,
+        denom_ptr,
+        n,
+        D,
+        eps,
+        COSINE: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_J: tl.constexpr,
+        BLOCK_D: tl.constexpr,
     ):
         # Small batches: a stable sort by counting, fused with the gather. For original row i,
         # its sorted position is #{y_j < y_i} + #{j < i: y_j = y_i}, its class segment starts
@@ -409,14 +537,28 @@ if triton is not None:
         tl.store(lo_ptr + pos, less, mask=rmask)
         # a query whose only positive is itself is invalid: empty segment
         tl.store(hi_ptr + pos, tl.where(same >= 2, less + same, less), mask=rmask)
-        _gather_normalize(E_ptr, stride_er, stride_ec, Xs_ptr, denom_ptr, rows, pos, rmask, D, eps,
-                          COSINE, BLOCK_R, BLOCK_D)
+        _gather_normalize(
+            E_ptr, stride_er, stride_ec, Xs_ptr, denom_ptr, rows, pos, rmask, D, eps, COSINE, BLOCK_R, BLOCK_D
+        )
 
     @triton.jit
     def _prep_kernel(
-        sorted_ptr, perm_ptr, E_ptr, stride_er, stride_ec, Xs_ptr, lo_ptr, hi_ptr, denom_ptr,
-        n, D, n_bits, eps,
-        COSINE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+        sorted_ptr,
+        perm_ptr,
+        E_ptr,
+        stride_er,
+        stride_ec,
+        Xs_ptr,
+        lo_ptr,
+        hi_ptr,
+        denom_ptr,
+        n,
+        D,
+        n_bits,
+        eps,
+        COSINE: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_D: tl.constexpr,
     ):
         # Rows [r0, r0 + BLOCK_R) of the label-sorted batch: class segment by binary search
         # (lo = #labels < key, hi = #labels <= key), then gather + normalise the embeddings.
@@ -440,13 +582,22 @@ if triton is not None:
         # a query whose only positive is itself is invalid: empty segment
         tl.store(hi_ptr + rows, tl.where(hi - lo >= 2, hi, lo), mask=rmask)
         src = tl.load(perm_ptr + rows, mask=rmask, other=0)
-        _gather_normalize(E_ptr, stride_er, stride_ec, Xs_ptr, denom_ptr, src, rows, rmask, D, eps,
-                          COSINE, BLOCK_R, BLOCK_D)
+        _gather_normalize(
+            E_ptr, stride_er, stride_ec, Xs_ptr, denom_ptr, src, rows, rmask, D, eps, COSINE, BLOCK_R, BLOCK_D
+        )
 
     @triton.jit
     def _reduce_kernel(
-        per_row_ptr, lo_ptr, hi_ptr, perm_ptr, out_ptr, n_valid_ptr, n,
-        MEAN: tl.constexpr, HAS_PERM: tl.constexpr, BLOCK: tl.constexpr,
+        per_row_ptr,
+        lo_ptr,
+        hi_ptr,
+        perm_ptr,
+        out_ptr,
+        n_valid_ptr,
+        n,
+        MEAN: tl.constexpr,
+        HAS_PERM: tl.constexpr,
+        BLOCK: tl.constexpr,
     ):
         # One program, fixed summation order: the reduction is deterministic.
         acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -475,9 +626,22 @@ if triton is not None:
 
     @triton.jit
     def _unprep_kernel(
-        dXs_ptr, Xs_ptr, denom_ptr, perm_ptr, dE_ptr, stride_er, stride_ec, n, D, eps, out_max,
-        COSINE: tl.constexpr, SATURATE: tl.constexpr, HAS_PERM: tl.constexpr,
-        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+        dXs_ptr,
+        Xs_ptr,
+        denom_ptr,
+        perm_ptr,
+        dE_ptr,
+        stride_er,
+        stride_ec,
+        n,
+        D,
+        eps,
+        out_max,
+        COSINE: tl.constexpr,
+        SATURATE: tl.constexpr,
+        HAS_PERM: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_D: tl.constexpr,
     ):
         # dE[perm[p]] = (g - y (y . g)) / ||e||  (g / eps when ||e|| <= eps), cast to E's dtype;
         # SATURATE (float16 E): clipped to +-out_max first, so the cast never makes inf (NaN stays NaN).
@@ -559,12 +723,18 @@ def row_losses_and_dS(
         variant = 0  # one specialization: the variant is not used
     with _on_device(S):
         _rows_kernel[(n_rows,)](
-            S, S.stride(0),
-            lo.contiguous(), hi.contiguous(),
+            S,
+            S.stride(0),
+            lo.contiguous(),
+            hi.contiguous(),
             out,
-            G if G is not None else out, G.stride(0) if G is not None else 0,  # dummy pointer when unused
+            G if G is not None else out,
+            G.stride(0) if G is not None else 0,  # dummy pointer when unused
             n_cols,
-            _LOG2E / anneal, 1.0 / anneal, float(alpha), float(b),
+            _LOG2E / anneal,
+            1.0 / anneal,
+            float(alpha),
+            float(b),
             LOSS=int(kind),
             VARIANT=int(variant),
             COMPUTE_GRAD=bool(compute_grad),
@@ -589,8 +759,20 @@ def _launch_symmetric(G, g, g_stride, perm, n_valid, mode):
     block = 32 if interpreter_active() else 64
     grid = (triton.cdiv(n, block), triton.cdiv(n, block))
     with _on_device(G):
-        _symmetric_grad_kernel[grid](G, G.stride(0), H, H.stride(0), n, g, g_stride, perm, n_valid,
-                                     MODE=mode, BLOCK=block, num_warps=SYMMETRIC_NUM_WARPS)
+        _symmetric_grad_kernel[grid](
+            G,
+            G.stride(0),
+            H,
+            H.stride(0),
+            n,
+            g,
+            g_stride,
+            perm,
+            n_valid,
+            MODE=mode,
+            BLOCK=block,
+            num_warps=SYMMETRIC_NUM_WARPS,
+        )
     return H
 
 
@@ -600,8 +782,7 @@ def symmetrize(G: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return _launch_symmetric(G, g, g.stride(0), g, g, 0)
 
 
-def symmetric_grad(G: torch.Tensor, grad_out: torch.Tensor, perm, n_valid: torch.Tensor,
-                   mean: bool) -> torch.Tensor:
+def symmetric_grad(G: torch.Tensor, grad_out: torch.Tensor, perm, n_valid: torch.Tensor, mean: bool) -> torch.Tensor:
     """H from the upstream gradient directly, the row weights formed in-kernel: "mean":
     g_p = grad_out / max(n_valid, 1); "none": g_p = grad_out[perm[p]] (perm None: grad_out[p])."""
     g = grad_out.to(torch.float32).contiguous()
@@ -645,16 +826,42 @@ def prepare(E: torch.Tensor, labels: torch.Tensor, cosine: bool):
         if n <= COUNT_SORT_MAX_B:
             perm = torch.empty(n, dtype=torch.int64, device=dev)
             _prep_count_kernel[(triton.cdiv(n, BLOCK_R),)](
-                labels, perm, E, E.stride(0), E.stride(1), Xs, lo, hi, denom if cosine else Xs,
-                n, D, NORM_EPS,
-                COSINE=cosine, BLOCK_R=BLOCK_R, BLOCK_J=32 if interpreter_active() else 128, BLOCK_D=BLOCK_D,
+                labels,
+                perm,
+                E,
+                E.stride(0),
+                E.stride(1),
+                Xs,
+                lo,
+                hi,
+                denom if cosine else Xs,
+                n,
+                D,
+                NORM_EPS,
+                COSINE=cosine,
+                BLOCK_R=BLOCK_R,
+                BLOCK_J=32 if interpreter_active() else 128,
+                BLOCK_D=BLOCK_D,
             )
             return Xs, perm, lo, hi, denom
         sorted_labels, perm = torch.sort(labels, stable=True)
         _prep_kernel[(triton.cdiv(n, BLOCK_R),)](
-            sorted_labels, perm, E, E.stride(0), E.stride(1), Xs, lo, hi, denom if cosine else Xs,
-            n, D, (n + 1).bit_length(), NORM_EPS,
-            COSINE=cosine, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D,
+            sorted_labels,
+            perm,
+            E,
+            E.stride(0),
+            E.stride(1),
+            Xs,
+            lo,
+            hi,
+            denom if cosine else Xs,
+            n,
+            D,
+            (n + 1).bit_length(),
+            NORM_EPS,
+            COSINE=cosine,
+            BLOCK_R=BLOCK_R,
+            BLOCK_D=BLOCK_D,
         )
     return Xs, perm, lo, hi, denom
 
@@ -670,13 +877,24 @@ def reduce(row_loss: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, perm, mea
     n_valid = torch.empty((), dtype=torch.float32, device=dev)
     has_perm = perm is not None
     with _on_device(row_loss):
-        _reduce_kernel[(1,)](row_loss, lo, hi, perm if has_perm else lo, out, n_valid, n,
-                             MEAN=bool(mean), HAS_PERM=has_perm, BLOCK=min(1024, max(16, _next_pow2(n))))
+        _reduce_kernel[(1,)](
+            row_loss,
+            lo,
+            hi,
+            perm if has_perm else lo,
+            out,
+            n_valid,
+            n,
+            MEAN=bool(mean),
+            HAS_PERM=has_perm,
+            BLOCK=min(1024, max(16, _next_pow2(n))),
+        )
     return out, n_valid
 
 
-def unprepare(dX: torch.Tensor, X: torch.Tensor, denom: torch.Tensor, perm, cosine: bool,
-              out_dtype: torch.dtype) -> torch.Tensor:
+def unprepare(
+    dX: torch.Tensor, X: torch.Tensor, denom: torch.Tensor, perm, cosine: bool, out_dtype: torch.dtype
+) -> torch.Tensor:
     """dL/dE: back through the normalisation (F.normalize's gradient; g / eps for a zero-norm
     row) and the permutation (dE[perm[p]] = row p; perm None: identity), written in out_dtype
     (float16 saturated to +-HALF_MAX), one kernel."""
@@ -690,9 +908,21 @@ def unprepare(dX: torch.Tensor, X: torch.Tensor, denom: torch.Tensor, perm, cosi
     has_perm = perm is not None
     with _on_device(dX):
         _unprep_kernel[(triton.cdiv(n, BLOCK_R),)](
-            dX, X.contiguous() if cosine else dX, denom if cosine else dX, perm if has_perm else dX,
-            dE, dE.stride(0), dE.stride(1), n, D, NORM_EPS, HALF_MAX,
-            COSINE=cosine, SATURATE=out_dtype == torch.float16, HAS_PERM=has_perm,
-            BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D,
+            dX,
+            X.contiguous() if cosine else dX,
+            denom if cosine else dX,
+            perm if has_perm else dX,
+            dE,
+            dE.stride(0),
+            dE.stride(1),
+            n,
+            D,
+            NORM_EPS,
+            HALF_MAX,
+            COSINE=cosine,
+            SATURATE=out_dtype == torch.float16,
+            HAS_PERM=has_perm,
+            BLOCK_R=BLOCK_R,
+            BLOCK_D=BLOCK_D,
         )
     return dE

@@ -158,19 +158,23 @@ class CrossBatchMemory(nn.Module):
         self.memory_size = memory_size
         self.register_buffer("embedding_memory", torch.zeros(memory_size, embedding_size))
         self.register_buffer("label_memory", torch.zeros(memory_size, dtype=torch.int64))
-        # [next write position, rows filled]; kept on the CPU side of the host logic below
+        # [next write position, rows filled], saved with the memory; mirrored in Python ints
+        # so that a step never reads a device value on the host
         self.register_buffer("ring_state", torch.zeros(2, dtype=torch.int64))
+        self._next = 0
+        self._filled = 0
 
     def reset(self) -> None:
         """Empty the memory."""
         self.embedding_memory.zero_()
         self.label_memory.zero_()
         self.ring_state.zero_()
+        self._next = self._filled = 0
 
     @property
     def filled(self) -> int:
         """Rows of the memory that hold embeddings."""
-        return int(self.ring_state[1])
+        return self._filled
 
     def _memory(self):
         n = self.filled
@@ -213,13 +217,14 @@ class CrossBatchMemory(nn.Module):
         if n >= size:  # only the newest memory_size rows survive
             emb, labels = emb[n - size :], labels[n - size :]
             n = size
-        start = int(self.ring_state[0])
-        idx = (start + torch.arange(n)) % size
-        idx = idx.to(self.embedding_memory.device)
+        start = self._next
+        idx = (start + torch.arange(n, device=self.embedding_memory.device)) % size
         self.embedding_memory.index_copy_(0, idx, emb.to(self.embedding_memory.dtype))
         self.label_memory.index_copy_(0, idx, labels)
-        self.ring_state[0] = (start + n) % size
-        self.ring_state[1] = min(self.filled + n, size)
+        self._next = (start + n) % size
+        self._filled = min(self._filled + n, size)
+        self.ring_state[0].fill_(self._next)  # a fill kernel, no copy from the host to wait for
+        self.ring_state[1].fill_(self._filled)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # adopt the saved memory's dtype (a float64 run resumes in float64, not through float32)
@@ -227,6 +232,9 @@ class CrossBatchMemory(nn.Module):
         if isinstance(saved, torch.Tensor) and saved.dtype != self.embedding_memory.dtype:
             self.embedding_memory = self.embedding_memory.to(saved.dtype)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        saved_ring = state_dict.get(prefix + "ring_state")
+        if isinstance(saved_ring, torch.Tensor) and saved_ring.numel() == 2:
+            self._next, self._filled = (int(v) for v in saved_ring.tolist())
 
     def extra_repr(self) -> str:
         return f"embedding_size={self.embedding_size}, memory_size={self.memory_size}, filled={self.filled}"

@@ -312,7 +312,7 @@ def check_cuda_ext(archs) -> int:
 
 def _demangle_kernel(mangled: str) -> str:
     """A short readable name: the kernel's identifier and its template arguments (f/d, loss kind, grad)."""
-    m = re.search(r"(rows_kernel|symmetric_grad_kernel)I([fd])(?:Li(\d+)ELb([01])E)?", mangled)
+    m = re.search(r"(rows_kernel|symmetrize_kernel)I([fd])(?:Li(\d+)ELb([01])E)?", mangled)
     if not m:
         return mangled[:60]
     dtype = {"f": "float", "d": "double"}[m.group(2)]

@@ -299,15 +299,15 @@ def ext_bad_segment(device):
     hi = torch.tensor([4, 8, 40, 12], dtype=torch.int32, device=device)  # row 2 ends past column 16
     ok = True
     for kind in (LOSS_PNP, LOSS_SMOOTH_AP):
-        # rows_forward(S, lo, hi, kind, variant, anneal, alpha, b, compute_grad)
-        loss, G = ops.rows_forward(S, lo, hi, kind, 0, 0.05, 1.0, 2.0, True)
+        # row_losses_and_dS(S, lo, hi, kind, variant, anneal, alpha, b, compute_grad)
+        loss, G = ops.row_losses_and_dS(S, lo, hi, kind, 0, 0.05, 1.0, 2.0, True)
         torch.cuda.synchronize()
         good = (
             bool(torch.isnan(loss[2])) and bool(torch.isnan(G[2]).all()) and bool(torch.isfinite(loss[[0, 1, 3]]).all())
         )
         ok &= good
         log(
-            f"  ext CUDA rows_forward, kind {kind}, out-of-range segment: loss {loss.tolist()} -> "
+            f"  ext CUDA row_losses_and_dS, kind {kind}, out-of-range segment: loss {loss.tolist()} -> "
             f"{'NaN row, others finite' if good else 'UNEXPECTED'}"
         )
     return ok

@@ -3,7 +3,7 @@
 // Ops (namespace pnp_kernels_ext, registered with TORCH_LIBRARY in pnp_cpu.cpp and
 // pnp_pipeline.cpp):
 //
-//   rows_forward(Tensor S, Tensor lo, Tensor hi, int kind, int variant, float anneal,
+//   row_losses_and_dS(Tensor S, Tensor lo, Tensor hi, int kind, int variant, float anneal,
 //                float alpha, float b, bool compute_grad) -> (Tensor loss, Tensor G)
 //       S: (Q, M) float32/float64, row stride arbitrary, unit column stride;
 //       lo/hi: int32 (Q,), the positives of row p are the columns [lo_p, hi_p), every
@@ -14,7 +14,7 @@
 //       A non-empty segment out of [0, M): an error on CPU; on CUDA (where a check
 //       would synchronise) that row's loss and G row are NaN.
 //
-//   symmetric_grad(Tensor G, Tensor g) -> Tensor    H = diag(g) G + (diag(g) G)^T
+//   symmetrize(Tensor G, Tensor g) -> Tensor    H = diag(g) G + (diag(g) G)^T
 //
 //   loss_forward / loss_backward: the whole square (batch against itself) pipeline
 //       around those two, one op each way, for CPU and CUDA tensors (pnp_pipeline.cpp).

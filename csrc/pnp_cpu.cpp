@@ -1,7 +1,7 @@
 // CPU kernels of the pnp_kernels extension and the op registrations (the row
 // functions are written out in pnp_common.h).
 //
-// rows_forward: one query row at a time (rows in parallel with at::parallel_for).
+// row_losses_and_dS: one query row at a time (rows in parallel with at::parallel_for).
 // For a chunk of up to kChunk positives j of row p, one sweep over the negatives
 // k (the columns outside [lo_p, hi_p): two contiguous ranges, so the inner loop
 // has no masks) evaluates, with z = (S_pj - S_pk) log2(e) / tau and
@@ -207,22 +207,22 @@ void rows_kernel(const T* S, int64_t ss, const int32_t* lo_p, const int32_t* hi_
 
 void check_rows_inputs(const at::Tensor& S, const at::Tensor& lo, const at::Tensor& hi, int64_t kind,
                        int64_t variant, double anneal) {
-  TORCH_CHECK(S.dim() == 2, "pnp_kernels_ext.rows_forward: S must be 2-D, got ", S.dim(), "-D");
+  TORCH_CHECK(S.dim() == 2, "pnp_kernels_ext.row_losses_and_dS: S must be 2-D, got ", S.dim(), "-D");
   TORCH_CHECK(S.scalar_type() == at::kFloat || S.scalar_type() == at::kDouble,
-              "pnp_kernels_ext.rows_forward: S must be float32 or float64, got ", S.scalar_type());
-  TORCH_CHECK(S.size(1) == 0 || S.stride(1) == 1, "pnp_kernels_ext.rows_forward: S columns must be contiguous");
+              "pnp_kernels_ext.row_losses_and_dS: S must be float32 or float64, got ", S.scalar_type());
+  TORCH_CHECK(S.size(1) == 0 || S.stride(1) == 1, "pnp_kernels_ext.row_losses_and_dS: S columns must be contiguous");
   TORCH_CHECK(lo.scalar_type() == at::kInt && hi.scalar_type() == at::kInt,
-              "pnp_kernels_ext.rows_forward: lo/hi must be int32");
+              "pnp_kernels_ext.row_losses_and_dS: lo/hi must be int32");
   TORCH_CHECK(lo.dim() == 1 && hi.dim() == 1 && lo.size(0) == S.size(0) && hi.size(0) == S.size(0),
-              "pnp_kernels_ext.rows_forward: lo/hi must be 1-D with one entry per row of S");
-  TORCH_CHECK(lo.is_contiguous() && hi.is_contiguous(), "pnp_kernels_ext.rows_forward: lo/hi must be contiguous");
+              "pnp_kernels_ext.row_losses_and_dS: lo/hi must be 1-D with one entry per row of S");
+  TORCH_CHECK(lo.is_contiguous() && hi.is_contiguous(), "pnp_kernels_ext.row_losses_and_dS: lo/hi must be contiguous");
   TORCH_CHECK(lo.device() == S.device() && hi.device() == S.device(),
-              "pnp_kernels_ext.rows_forward: lo/hi must be on the device of S");
-  TORCH_CHECK(kind >= 0 && kind < kLossKindCount, "pnp_kernels_ext.rows_forward: loss kind must be 0..",
+              "pnp_kernels_ext.row_losses_and_dS: lo/hi must be on the device of S");
+  TORCH_CHECK(kind >= 0 && kind < kLossKindCount, "pnp_kernels_ext.row_losses_and_dS: loss kind must be 0..",
               kLossKindCount - 1, ", got ", kind);
-  TORCH_CHECK(variant >= 0 && variant < kVariantCount, "pnp_kernels_ext.rows_forward: variant code must be 0..",
+  TORCH_CHECK(variant >= 0 && variant < kVariantCount, "pnp_kernels_ext.row_losses_and_dS: variant code must be 0..",
               kVariantCount - 1, ", got ", variant);
-  TORCH_CHECK(anneal > 0, "pnp_kernels_ext.rows_forward: anneal must be > 0, got ", anneal);
+  TORCH_CHECK(anneal > 0, "pnp_kernels_ext.row_losses_and_dS: anneal must be > 0, got ", anneal);
 }
 
 template <typename T, int KIND>
@@ -246,7 +246,7 @@ void rows_dispatch(int64_t kind, const at::Tensor& S, const int32_t* lo_p, const
     rows_dispatch_grad<T, kLoss_smooth_ap>(S, lo_p, hi_p, loss, G, compute_grad, v, anneal, alpha, b);
 }
 
-std::tuple<at::Tensor, at::Tensor> rows_forward_cpu(const at::Tensor& S, const at::Tensor& lo,
+std::tuple<at::Tensor, at::Tensor> row_losses_and_dS_cpu(const at::Tensor& S, const at::Tensor& lo,
                                                     const at::Tensor& hi, int64_t kind, int64_t variant,
                                                     double anneal, double alpha, double b,
                                                     bool compute_grad) {
@@ -259,7 +259,7 @@ std::tuple<at::Tensor, at::Tensor> rows_forward_cpu(const at::Tensor& S, const a
   for (int64_t p = 0; p < Q && bad < 0; ++p) {
     if (hi_p[p] - lo_p[p] >= 1 && (lo_p[p] < 0 || hi_p[p] > n)) bad = p;
   }
-  TORCH_CHECK(bad < 0, "pnp_kernels_ext.rows_forward: the positive segment [", bad < 0 ? 0 : lo_p[bad], ", ",
+  TORCH_CHECK(bad < 0, "pnp_kernels_ext.row_losses_and_dS: the positive segment [", bad < 0 ? 0 : lo_p[bad], ", ",
               bad < 0 ? 0 : hi_p[bad], ") of row ", bad, " is out of range for ", n, " columns");
   at::Tensor loss = at::empty({Q}, S.options());
   at::Tensor G = compute_grad ? at::empty({Q, n}, S.options()) : at::empty({0}, S.options());
@@ -302,13 +302,13 @@ void symmetric_kernel(const T* G, int64_t sg, const T* gv, T* H, int64_t n) {
   });
 }
 
-at::Tensor symmetric_grad_cpu(const at::Tensor& G, const at::Tensor& g) {
-  TORCH_CHECK(G.dim() == 2 && G.size(0) == G.size(1), "pnp_kernels_ext.symmetric_grad: G must be square");
+at::Tensor symmetrize_cpu(const at::Tensor& G, const at::Tensor& g) {
+  TORCH_CHECK(G.dim() == 2 && G.size(0) == G.size(1), "pnp_kernels_ext.symmetrize: G must be square");
   TORCH_CHECK(G.scalar_type() == at::kFloat || G.scalar_type() == at::kDouble,
-              "pnp_kernels_ext.symmetric_grad: G must be float32 or float64");
-  TORCH_CHECK(G.size(1) == 0 || G.stride(1) == 1, "pnp_kernels_ext.symmetric_grad: G columns must be contiguous");
+              "pnp_kernels_ext.symmetrize: G must be float32 or float64");
+  TORCH_CHECK(G.size(1) == 0 || G.stride(1) == 1, "pnp_kernels_ext.symmetrize: G columns must be contiguous");
   TORCH_CHECK(g.dim() == 1 && g.size(0) == G.size(0) && g.scalar_type() == G.scalar_type() && g.is_contiguous(),
-              "pnp_kernels_ext.symmetric_grad: g must be a contiguous vector of G's dtype and length");
+              "pnp_kernels_ext.symmetrize: g must be a contiguous vector of G's dtype and length");
   const int64_t n = G.size(0);
   at::Tensor H = at::empty({n, n}, G.options());
   if (n == 0) return H;
@@ -324,12 +324,12 @@ at::Tensor symmetric_grad_cpu(const at::Tensor& G, const at::Tensor& g) {
 
 TORCH_LIBRARY(pnp_kernels_ext, m) {
   m.def(
-      "rows_forward(Tensor S, Tensor lo, Tensor hi, int kind, int variant, float anneal, float alpha, float b, "
+      "row_losses_and_dS(Tensor S, Tensor lo, Tensor hi, int kind, int variant, float anneal, float alpha, float b, "
       "bool compute_grad) -> (Tensor loss, Tensor G)");
-  m.def("symmetric_grad(Tensor G, Tensor g) -> Tensor");
+  m.def("symmetrize(Tensor G, Tensor g) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(pnp_kernels_ext, CPU, m) {
-  m.impl("rows_forward", &pnp_ext::rows_forward_cpu);
-  m.impl("symmetric_grad", &pnp_ext::symmetric_grad_cpu);
+  m.impl("row_losses_and_dS", &pnp_ext::row_losses_and_dS_cpu);
+  m.impl("symmetrize", &pnp_ext::symmetrize_cpu);
 }

@@ -232,7 +232,7 @@ __global__ void __launch_bounds__(kThreads)
 
 // H[a, c] = g_a G[a, c] + g_c G[c, a]; 32 x 32 tiles, the transposed tile via shared memory.
 template <typename T>
-__global__ void symmetric_grad_kernel(const T* __restrict__ G, int64_t sg, const T* __restrict__ gv,
+__global__ void symmetrize_kernel(const T* __restrict__ G, int64_t sg, const T* __restrict__ gv,
                                       T* __restrict__ H, int64_t n) {
   __shared__ T tile[32][33];
   const int64_t a0 = static_cast<int64_t>(blockIdx.y) * 32;
@@ -275,31 +275,31 @@ void launch_rows_kind(int64_t kind, const at::Tensor& S, const at::Tensor& lo, c
     launch_rows<T, kLoss_smooth_ap>(S, lo, hi, loss, G, compute_grad, variant, anneal, alpha, b, stream);
 }
 
-std::tuple<at::Tensor, at::Tensor> rows_forward_cuda(const at::Tensor& S, const at::Tensor& lo,
+std::tuple<at::Tensor, at::Tensor> row_losses_and_dS_cuda(const at::Tensor& S, const at::Tensor& lo,
                                                      const at::Tensor& hi, int64_t kind, int64_t variant,
                                                      double anneal, double alpha, double b,
                                                      bool compute_grad) {
-  TORCH_CHECK(S.dim() == 2, "pnp_kernels_ext.rows_forward: S must be 2-D");
+  TORCH_CHECK(S.dim() == 2, "pnp_kernels_ext.row_losses_and_dS: S must be 2-D");
   TORCH_CHECK(S.scalar_type() == at::kFloat || S.scalar_type() == at::kDouble,
-              "pnp_kernels_ext.rows_forward: S must be float32 or float64, got ", S.scalar_type());
-  TORCH_CHECK(S.size(1) == 0 || S.stride(1) == 1, "pnp_kernels_ext.rows_forward: S columns must be contiguous");
+              "pnp_kernels_ext.row_losses_and_dS: S must be float32 or float64, got ", S.scalar_type());
+  TORCH_CHECK(S.size(1) == 0 || S.stride(1) == 1, "pnp_kernels_ext.row_losses_and_dS: S columns must be contiguous");
   TORCH_CHECK(lo.scalar_type() == at::kInt && hi.scalar_type() == at::kInt && lo.is_contiguous() &&
                   hi.is_contiguous() && lo.dim() == 1 && hi.dim() == 1 && lo.size(0) == S.size(0) &&
                   hi.size(0) == S.size(0),
-              "pnp_kernels_ext.rows_forward: lo/hi must be contiguous int32 vectors, one entry per row");
+              "pnp_kernels_ext.row_losses_and_dS: lo/hi must be contiguous int32 vectors, one entry per row");
   TORCH_CHECK(lo.device() == S.device() && hi.device() == S.device(),
-              "pnp_kernels_ext.rows_forward: lo/hi must be on the device of S");
-  TORCH_CHECK(kind >= 0 && kind < kLossKindCount, "pnp_kernels_ext.rows_forward: loss kind must be 0..",
+              "pnp_kernels_ext.row_losses_and_dS: lo/hi must be on the device of S");
+  TORCH_CHECK(kind >= 0 && kind < kLossKindCount, "pnp_kernels_ext.row_losses_and_dS: loss kind must be 0..",
               kLossKindCount - 1, ", got ", kind);
-  TORCH_CHECK(variant >= 0 && variant < kVariantCount, "pnp_kernels_ext.rows_forward: variant code must be 0..",
+  TORCH_CHECK(variant >= 0 && variant < kVariantCount, "pnp_kernels_ext.row_losses_and_dS: variant code must be 0..",
               kVariantCount - 1, ", got ", variant);
-  TORCH_CHECK(anneal > 0, "pnp_kernels_ext.rows_forward: anneal must be > 0, got ", anneal);
+  TORCH_CHECK(anneal > 0, "pnp_kernels_ext.row_losses_and_dS: anneal must be > 0, got ", anneal);
   const c10::cuda::CUDAGuard guard(S.device());
   const int64_t Q = S.size(0);
   at::Tensor loss = at::empty({Q}, S.options());
   at::Tensor G = compute_grad ? at::empty({Q, S.size(1)}, S.options()) : at::empty({0}, S.options());
   if (Q == 0) return {loss, G};
-  TORCH_CHECK(Q <= 2147483647LL, "pnp_kernels_ext.rows_forward: too many rows");
+  TORCH_CHECK(Q <= 2147483647LL, "pnp_kernels_ext.row_losses_and_dS: too many rows");
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int v = static_cast<int>(variant);
   if (S.scalar_type() == at::kFloat)
@@ -310,28 +310,28 @@ std::tuple<at::Tensor, at::Tensor> rows_forward_cuda(const at::Tensor& S, const 
   return {loss, G};
 }
 
-at::Tensor symmetric_grad_cuda(const at::Tensor& G, const at::Tensor& g) {
-  TORCH_CHECK(G.dim() == 2 && G.size(0) == G.size(1), "pnp_kernels_ext.symmetric_grad: G must be square");
+at::Tensor symmetrize_cuda(const at::Tensor& G, const at::Tensor& g) {
+  TORCH_CHECK(G.dim() == 2 && G.size(0) == G.size(1), "pnp_kernels_ext.symmetrize: G must be square");
   TORCH_CHECK(G.scalar_type() == at::kFloat || G.scalar_type() == at::kDouble,
-              "pnp_kernels_ext.symmetric_grad: G must be float32 or float64");
-  TORCH_CHECK(G.size(1) == 0 || G.stride(1) == 1, "pnp_kernels_ext.symmetric_grad: G columns must be contiguous");
+              "pnp_kernels_ext.symmetrize: G must be float32 or float64");
+  TORCH_CHECK(G.size(1) == 0 || G.stride(1) == 1, "pnp_kernels_ext.symmetrize: G columns must be contiguous");
   TORCH_CHECK(g.dim() == 1 && g.size(0) == G.size(0) && g.scalar_type() == G.scalar_type() && g.is_contiguous() &&
                   g.device() == G.device(),
-              "pnp_kernels_ext.symmetric_grad: g must be a contiguous vector of G's dtype, length and device");
+              "pnp_kernels_ext.symmetrize: g must be a contiguous vector of G's dtype, length and device");
   const c10::cuda::CUDAGuard guard(G.device());
   const int64_t n = G.size(0);
   at::Tensor H = at::empty({n, n}, G.options());
   if (n == 0) return H;
   const int64_t tiles = (n + 31) / 32;
-  TORCH_CHECK(tiles <= 65535, "pnp_kernels_ext.symmetric_grad: n too large (", n, ")");
+  TORCH_CHECK(tiles <= 65535, "pnp_kernels_ext.symmetrize: n too large (", n, ")");
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(tiles));
   const dim3 block(32, 8);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (G.scalar_type() == at::kFloat)
-    symmetric_grad_kernel<float><<<grid, block, 0, stream>>>(G.data_ptr<float>(), G.stride(0),
+    symmetrize_kernel<float><<<grid, block, 0, stream>>>(G.data_ptr<float>(), G.stride(0),
                                                              g.data_ptr<float>(), H.data_ptr<float>(), n);
   else
-    symmetric_grad_kernel<double><<<grid, block, 0, stream>>>(G.data_ptr<double>(), G.stride(0),
+    symmetrize_kernel<double><<<grid, block, 0, stream>>>(G.data_ptr<double>(), G.stride(0),
                                                               g.data_ptr<double>(), H.data_ptr<double>(), n);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return H;
@@ -341,6 +341,6 @@ at::Tensor symmetric_grad_cuda(const at::Tensor& G, const at::Tensor& g) {
 }  // namespace pnp_ext
 
 TORCH_LIBRARY_IMPL(pnp_kernels_ext, CUDA, m) {
-  m.impl("rows_forward", &pnp_ext::rows_forward_cuda);
-  m.impl("symmetric_grad", &pnp_ext::symmetric_grad_cuda);
+  m.impl("row_losses_and_dS", &pnp_ext::row_losses_and_dS_cuda);
+  m.impl("symmetrize", &pnp_ext::symmetrize_cuda);
 }

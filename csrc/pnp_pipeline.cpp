@@ -1,6 +1,6 @@
 // Whole-loss ops of the pnp_kernels extension: the square pipeline (a batch ranked
 // against itself: sort by label, segments, gather + normalise, S = Xs Xs^T,
-// rows_forward, reduction; and back: row weights, symmetric_grad, H Xs, through the
+// row_losses_and_dS, reduction; and back: row weights, symmetrize, H Xs, through the
 // normalisation and the sort) as one op each way.
 //
 // Why: at small batches an eager step is host time, and from Python each of the ~40
@@ -19,7 +19,7 @@
 // Segments: row p of the sorted batch has the positives [lo_p, hi_p) = its class,
 // its own copy included. A query whose class has no other member has no positive to
 // rank (its only positive would be itself), so it gets the empty segment hi = lo,
-// which rows_forward drops (loss 0, zero gradient row); n_valid = #{p : hi_p > lo_p}.
+// which row_losses_and_dS drops (loss 0, zero gradient row); n_valid = #{p : hi_p > lo_p}.
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
@@ -46,17 +46,17 @@ using RowsFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::T
                                                   int64_t, int64_t, double, double, double, bool);
 using SymFn = at::Tensor(const at::Tensor&, const at::Tensor&);
 
-std::tuple<at::Tensor, at::Tensor> call_rows_forward(const at::Tensor& S, const at::Tensor& lo,
+std::tuple<at::Tensor, at::Tensor> call_row_losses_and_dS(const at::Tensor& S, const at::Tensor& lo,
                                                      const at::Tensor& hi, int64_t kind, int64_t variant,
                                                      double anneal, double alpha, double b, bool compute_grad) {
   static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("pnp_kernels_ext::rows_forward", "").typed<RowsFn>();
+      c10::Dispatcher::singleton().findSchemaOrThrow("pnp_kernels_ext::row_losses_and_dS", "").typed<RowsFn>();
   return op.call(S, lo, hi, kind, variant, anneal, alpha, b, compute_grad);
 }
 
-at::Tensor call_symmetric_grad(const at::Tensor& G, const at::Tensor& g) {
+at::Tensor call_symmetrize(const at::Tensor& G, const at::Tensor& g) {
   static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("pnp_kernels_ext::symmetric_grad", "").typed<SymFn>();
+      c10::Dispatcher::singleton().findSchemaOrThrow("pnp_kernels_ext::symmetrize", "").typed<SymFn>();
   return op.call(G, g);
 }
 
@@ -89,10 +89,10 @@ ForwardOut loss_forward(const at::Tensor& E, const at::Tensor& labels, int64_t k
   at::Tensor per_row, G;
   {
     at::Tensor S = at::mm(Xs, Xs.t());
-    std::tie(per_row, G) = call_rows_forward(S, lo, hi, kind, variant, anneal, alpha, b, compute_grad);
+    std::tie(per_row, G) = call_row_losses_and_dS(S, lo, hi, kind, variant, anneal, alpha, b, compute_grad);
   }  // S freed here: at most two B x B buffers alive at once
 
-  // rows_forward writes 0 for dropped queries (empty segments), so the reduction
+  // row_losses_and_dS writes 0 for dropped queries (empty segments), so the reduction
   // needs no mask; n_valid counts the kept ones.
   at::Tensor n_valid = at::sum(hi.gt(lo), cdt);
   at::Tensor out = mean ? per_row.sum().div_(n_valid.clamp_min(1))
@@ -112,7 +112,7 @@ at::Tensor loss_backward(const at::Tensor& grad_out, const at::Tensor& n_valid, 
   at::Tensor g = mean ? go.div(n_valid.clamp_min(1)).expand({n}).contiguous() : go.index_select(0, perm);
   at::Tensor dXs;
   {
-    at::Tensor H = call_symmetric_grad(G, g);  // diag(g) G + (diag(g) G)^T
+    at::Tensor H = call_symmetrize(G, g);  // diag(g) G + (diag(g) G)^T
     dXs = at::mm(H, Xs);
   }
   if (cosine) {

@@ -1,8 +1,8 @@
 """The C++/CUDA extension's ops (torch.ops.pnp_kernels_ext) and its loader.
 
-* rows_forward, both loss kinds and every variant, against the float64 oracle
+* row_losses_and_dS, both loss kinds and every variant, against the float64 oracle
   ``reference.row_losses_reference`` (dS by autograd through it);
-* symmetric_grad against plain torch;
+* symmetrize against plain torch;
 * loss_forward / loss_backward against the same pipeline composed of plain torch
   ops around the extension's rows op, and against the end-to-end references;
 * the loader: build log, fast failure paths, errors of the ops.
@@ -117,7 +117,7 @@ def _rel(a, r):
 
 
 def _rows(S, lo, hi, kind, variant, grad=True, anneal=TAU):
-    return OPS.rows_forward(S, lo.to(S.device), hi.to(S.device), kind, variant.code, anneal, ALPHA, B_IB, grad)
+    return OPS.row_losses_and_dS(S, lo.to(S.device), hi.to(S.device), kind, variant.code, anneal, ALPHA, B_IB, grad)
 
 
 # ----------------------------------------------------------------------------------------- loader
@@ -187,14 +187,14 @@ def test_missing_sources_reason():
     assert "csrc" in ext_build._quick_reason(None)
 
 
-# ------------------------------------------------------------------------------------- rows_forward
+# ------------------------------------------------------------------------------------- row_losses_and_dS
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("kind_name,kind", KINDS)
 @pytest.mark.parametrize("case", ["square", "rect", "big_class", "strided"])
-def test_rows_forward_matches_reference(device, dtype, kind_name, kind, case):
+def test_row_losses_and_dS_matches_reference(device, dtype, kind_name, kind, case):
     S64, lo, hi = _case(case)
     if case == "strided":  # a row slice of a wider buffer: row stride > number of columns
         buf = torch.zeros(S64.shape[0], S64.shape[1] + 13, dtype=dtype, device=device)
@@ -226,11 +226,11 @@ def test_rows_forward_matches_reference(device, dtype, kind_name, kind, case):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind_name,kind", KINDS)
-def test_rows_forward_variant_args_ignored_by_smooth_ap(device, kind_name, kind):
+def test_row_losses_and_dS_variant_args_ignored_by_smooth_ap(device, kind_name, kind):
     S64, lo, hi = _case("rect")
     S = S64.to(device)
-    a = OPS.rows_forward(S, lo.to(device), hi.to(device), kind, 0, TAU, 1.0, 2.0, True)
-    b = OPS.rows_forward(S, lo.to(device), hi.to(device), kind, 3, TAU, 0.3, 5.0, True)
+    a = OPS.row_losses_and_dS(S, lo.to(device), hi.to(device), kind, 0, TAU, 1.0, 2.0, True)
+    b = OPS.row_losses_and_dS(S, lo.to(device), hi.to(device), kind, 3, TAU, 0.3, 5.0, True)
     same = torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert same == (kind == LOSS_SMOOTH_AP)
 
@@ -254,7 +254,7 @@ def test_extreme_similarities_never_nan(device, dtype, kind_name, kind):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("kind_name,kind", KINDS)
-def test_rows_forward_long_rows(device, dtype, kind_name, kind):
+def test_row_losses_and_dS_long_rows(device, dtype, kind_name, kind):
     # many negatives per row: the float partial sums (blocks of 256) must stay accurate
     gen = torch.Generator().manual_seed(5)
     Q, M = 5, 1100
@@ -273,28 +273,28 @@ def test_rows_forward_long_rows(device, dtype, kind_name, kind):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_rows_forward_empty_shapes(device):
+def test_row_losses_and_dS_empty_shapes(device):
     for Q, M in ((0, 5), (3, 0), (0, 0)):
         S = torch.zeros(Q, M, device=device)
         z = torch.zeros(Q, dtype=torch.int32, device=device)
         for kind in (LOSS_PNP, LOSS_SMOOTH_AP):
-            loss, G = OPS.rows_forward(S, z, z, kind, 0, TAU, 1.0, 2.0, True)
+            loss, G = OPS.row_losses_and_dS(S, z, z, kind, 0, TAU, 1.0, 2.0, True)
             assert loss.shape == (Q,) and G.shape == (Q, M) and (loss == 0).all()
 
 
-def test_rows_forward_errors():
+def test_row_losses_and_dS_errors():
     S = torch.randn(4, 4)
     lo = torch.zeros(4, dtype=torch.int32)
     hi = torch.full((4,), 4, dtype=torch.int32)
     ok = (S, lo, hi, LOSS_PNP, 0, 0.1, 1.0, 2.0, False)
-    OPS.rows_forward(*ok)
+    OPS.row_losses_and_dS(*ok)
 
     def bad(match, *changes):
         args = list(ok)
         for i, val in changes:
             args[i] = val
         with pytest.raises(RuntimeError, match=match):
-            OPS.rows_forward(*args)
+            OPS.row_losses_and_dS(*args)
 
     bad("float32 or float64", (0, S.half()))  # float16 similarities are rejected
     bad("float32 or float64", (0, S.bfloat16()))
@@ -309,7 +309,7 @@ def test_rows_forward_errors():
     bad("variant code must be 0..4", (4, len(VARIANTS)))
     bad("anneal must be > 0", (5, 0.0))
     # a segment out of range that is empty is a dropped row, not an error
-    loss, _ = OPS.rows_forward(S, lo + 9, hi * 0 + 9, LOSS_PNP, 0, 0.1, 1.0, 2.0, False)
+    loss, _ = OPS.row_losses_and_dS(S, lo + 9, hi * 0 + 9, LOSS_PNP, 0, 0.1, 1.0, 2.0, False)
     assert (loss == 0).all()
 
 
@@ -319,7 +319,7 @@ def test_kernel_level_segment_check_in_subprocess():
         "import torch\nfrom pnp_kernels.backends import ext_build as eb\nops = eb.ops()\n"
         "for kind in (0, 1):\n"
         "    try:\n"
-        "        ops.rows_forward(torch.randn(4, 4), torch.zeros(4, dtype=torch.int32),"
+        "        ops.row_losses_and_dS(torch.randn(4, 4), torch.zeros(4, dtype=torch.int32),"
         " torch.full((4,), 5, dtype=torch.int32), kind, 0, 0.1, 1.0, 2.0, True)\n"
         "    except RuntimeError as e:\n"
         "        assert 'out of range' in str(e), e\n"
@@ -339,22 +339,22 @@ def test_cuda_bad_segment_gives_nan_row():
     lo = torch.tensor([0, 4, 2], dtype=torch.int32, device="cuda")
     hi = torch.tensor([2, 7, 2], dtype=torch.int32, device="cuda")  # row 1 overruns, row 2 is empty
     for kind in (LOSS_PNP, LOSS_SMOOTH_AP):
-        loss, G = OPS.rows_forward(S, lo, hi, kind, 0, 0.1, 1.0, 2.0, True)
+        loss, G = OPS.row_losses_and_dS(S, lo, hi, kind, 0, 0.1, 1.0, 2.0, True)
         assert torch.isnan(loss[1]) and torch.isnan(G[1]).all()
         assert torch.isfinite(loss[0]) and loss[2] == 0 and (G[2] == 0).all()
 
 
-# ----------------------------------------------------------------------------------- symmetric_grad
+# ---------------------------------------------------------------------------------------- symmetrize
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("n", [0, 1, 31, 33, 100])
-def test_symmetric_grad_matches_torch(device, dtype, n):
+def test_symmetrize_matches_torch(device, dtype, n):
     gen = torch.Generator().manual_seed(n)
     G = torch.randn(n, n, generator=gen, dtype=dtype)
     g = torch.randn(n, generator=gen, dtype=dtype)
-    H = OPS.symmetric_grad(G.to(device), g.to(device))
+    H = OPS.symmetrize(G.to(device), g.to(device))
     D = g[:, None] * G
     ref = D + D.t()
     assert H.dtype == dtype and H.shape == (n, n)
@@ -368,7 +368,7 @@ def test_symmetric_grad_matches_torch(device, dtype, n):
     if n:
         big = torch.zeros(n, n + 7, dtype=dtype)
         big[:, :n] = G
-        torch.testing.assert_close(OPS.symmetric_grad(big[:, :n].to(device), g.to(device)).cpu(), ref, **tol)
+        torch.testing.assert_close(OPS.symmetrize(big[:, :n].to(device), g.to(device)).cpu(), ref, **tol)
 
 
 # ------------------------------------------------------------------------- loss_forward / loss_backward
@@ -384,7 +384,7 @@ def _composed_forward(E, labels, kind, variant, cosine, mean):
         Xs = Xs / denom[:, None]
     else:
         denom = torch.empty(0, dtype=cdt, device=E.device)
-    per_row, G = OPS.rows_forward(Xs @ Xs.t(), lo, hi, kind, variant.code, TAU, ALPHA, B_IB, True)
+    per_row, G = OPS.row_losses_and_dS(Xs @ Xs.t(), lo, hi, kind, variant.code, TAU, ALPHA, B_IB, True)
     n_valid = (hi > lo).sum().to(cdt)
     if mean:
         out = per_row.sum() / n_valid.clamp_min(1)

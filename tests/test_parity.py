@@ -270,7 +270,7 @@ ROW_IDS = [f"{k}-{v}" if k == "pnp" else k for k, v in ROW_CASES]
 
 @pytest.mark.parametrize("kind,variant", ROW_CASES, ids=ROW_IDS)
 @pytest.mark.parametrize("max_tile_elems", [1, 64, 1000])
-def test_torch_rows_forward_chunking(kind, variant, max_tile_elems):
+def test_torch_row_stage_chunking(kind, variant, max_tile_elems):
     """Tiny tile budgets (one row per chunk, a few rows) give the same per-row loss and G."""
     gen = make_generator(1300 + ROW_CASES.index((kind, variant)))
     labels, lo, hi = _kernel_segments()
@@ -289,7 +289,7 @@ def test_torch_rows_forward_chunking(kind, variant, max_tile_elems):
 
 
 @pytest.mark.parametrize("kind,variant", ROW_CASES, ids=ROW_IDS)
-def test_torch_rows_forward_matches_row_oracle(kind, variant):
+def test_torch_row_stage_matches_row_oracle(kind, variant):
     """The torch backend's row stage in float64 against the brute-force row oracle, loss and dS."""
     gen = make_generator(1350 + ROW_CASES.index((kind, variant)))
     labels, lo, hi = _kernel_segments()
@@ -315,7 +315,7 @@ KERNEL_CASES = (
     KERNEL_CASES,
     ids=[f"{n}-{k}-{v}-{'small_tiles' if t else 'default'}" for n, k, v, t in KERNEL_CASES],
 )
-def test_backend_rows_forward_matches_torch(name, kind, variant, small_tiles):
+def test_backend_row_stage_matches_torch(name, kind, variant, small_tiles):
     """Kernel level: a backend's row stage (float32) against the torch backend's in float64
     on the same S / segments (classes of 2-4, 5-8, > 16 positives and a dropped singleton),
     and its symmetrise stage against the torch one."""

@@ -46,7 +46,7 @@ class ExtBackend(Backend):
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         if S.shape[1] > 0 and S.stride(1) != 1:
             S = S.contiguous()
-        loss, G = ext_build.ops().rows_forward(
+        loss, G = ext_build.ops().row_losses_and_dS(
             S,
             lo.contiguous(),
             hi.contiguous(),
@@ -62,7 +62,7 @@ class ExtBackend(Backend):
     def symmetrize(self, G: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         if G.shape[1] > 0 and G.stride(1) != 1:
             G = G.contiguous()
-        return ext_build.ops().symmetric_grad(G, g.to(device=G.device, dtype=G.dtype).contiguous())
+        return ext_build.ops().symmetrize(G, g.to(device=G.device, dtype=G.dtype).contiguous())
 
     def loss_forward(self, E: torch.Tensor, labels: torch.Tensor, spec: LossSpec, compute_grad: bool) -> ForwardResult:
         out, n_valid, Xs, perm, lo, hi, denom, G = ext_build.ops().loss_forward(

@@ -59,7 +59,7 @@ __all__ = [
 ]
 
 NAMESPACE = "pnp_kernels_ext"
-OP_NAMES = ("rows_forward", "symmetric_grad", "loss_forward", "loss_backward")
+OP_NAMES = ("row_losses_and_dS", "symmetrize", "loss_forward", "loss_backward")
 LOG_NAME = "build.log"
 
 _SOURCES = ("pnp_variants.h", "pnp_common.h", "pnp_cpu.cpp", "pnp_pipeline.cpp", "pnp_cuda.cu")
@@ -455,8 +455,8 @@ def _selfcheck() -> int:  # pragma: no cover - manual / GPU-machine tool
                     for dtype in (torch.float32, torch.float64):
                         S = S64.to(dev, dtype)
                         args = (lo.to(dev), hi.to(dev), kind, v.code, 0.05, 1.3, 2.0, True)
-                        l, G = o.rows_forward(S, *args)
-                        l2, G2 = o.rows_forward(S, *args)
+                        l, G = o.row_losses_and_dS(S, *args)
+                        l2, G2 = o.row_losses_and_dS(S, *args)
                         det = torch.equal(l, l2) and torch.equal(G, G2)
                         errs = [
                             float((a.double().cpu() - r).norm() / r.norm().clamp_min(1e-300))
@@ -471,7 +471,7 @@ def _selfcheck() -> int:  # pragma: no cover - manual / GPU-machine tool
                                 f"  FAIL {dev} {dtype} {tuple(S64.shape)} {kind_name} {v.name}: rel err "
                                 f"loss/dS {errs[0]:.2e}/{errs[1]:.2e} deterministic={det} finite={finite}"
                             )
-        print(f"  {dev}: rows_forward vs reference done")
+        print(f"  {dev}: row_losses_and_dS vs reference done")
     print(
         f"worst relative error: float32 {worst[torch.float32]:.2e}, float64 {worst[torch.float64]:.2e}; "
         f"failures: {failures}"

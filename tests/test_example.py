@@ -2,7 +2,6 @@
 a short in-process run and a 2-process torchrun run (same curves as one process)."""
 
 import csv
-import inspect
 import math
 import os
 import signal
@@ -12,8 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import pnp_kernels
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))
@@ -139,9 +136,7 @@ def test_augmentation_is_seeded_and_identity_at_zero():
 def test_smoke_run(tmp_path):
     _need_example_extras()
     pytest.importorskip("pytorch_metric_learning")
-    losses = ["pnp", "pml-pnp"]
-    if hasattr(pnp_kernels, "smooth_ap_loss"):
-        losses.append("smooth-ap")
+    losses = ["pnp", "pml-pnp", "smooth-ap"]
     assert td.main(["--loss", *losses, "--out", str(tmp_path), *TINY]) == 0
     rows = _check_outputs(tmp_path, losses, 1)
     by = {(r["loss_name"], r["epoch"]): r for r in rows}
@@ -149,15 +144,11 @@ def test_smoke_run(tmp_path):
     assert by["pnp", "0"]["map_at_r"] == by["pml-pnp", "0"]["map_at_r"]
     assert float(by["pnp", "1"]["map_at_r"]) == pytest.approx(float(by["pml-pnp", "1"]["map_at_r"]), abs=1e-4)
     assert float(by["pnp", "1"]["train_loss"]) == pytest.approx(float(by["pml-pnp", "1"]["train_loss"]), rel=1e-4)
-    if "smooth-ap" not in losses:
-        pytest.skip("pnp_kernels has no smooth_ap_loss yet: smooth-ap part not run")
 
 
 def test_smooth_ap_square_batches_and_memory(tmp_path):
     _need_example_extras()
     pytest.importorskip("pytorch_metric_learning")
-    if not (hasattr(pnp_kernels, "SmoothAPLoss") and hasattr(pnp_kernels, "CrossBatchMemory")):
-        pytest.skip("pnp_kernels has no SmoothAPLoss / CrossBatchMemory yet")
     square = ["--batch-size", "25", "--m-per-class", "5"]
     assert td.main(["--loss", "smooth-ap", "pml-smooth-ap", *square, "--out", str(tmp_path / "s"), *TINY]) == 0
     rows = _check_outputs(tmp_path / "s", ["smooth-ap", "pml-smooth-ap"], 1)
@@ -185,8 +176,6 @@ def test_bad_options_exit_with_a_message(monkeypatch):
 
 def test_torchrun_two_processes_match_one(tmp_path):
     _need_example_extras()
-    if "distributed" not in inspect.signature(pnp_kernels.pnp_loss).parameters:
-        pytest.skip("pnp_kernels.pnp_loss has no distributed mode yet")
     options = ["--loss", "pnp", "smooth-ap", "--memory-size", "80", *TINY]
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1")
     cmd = [

@@ -6,7 +6,8 @@ namespace pnp_ext {
 
 constexpr int kLoss_pnp = 0;
 constexpr int kLoss_smooth_ap = 1;
-constexpr int kLossKindCount = 2;
+constexpr int kLoss_recall_at_k = 2;
+constexpr int kLossKindCount = 3;
 
 constexpr int kVariant_O = 0;  // f = R
 constexpr int kVariant_Ds = 1;  // f = log(1+R)

@@ -148,17 +148,21 @@ def _square_fwd(
     b: float,
     cosine: bool,
     mean: bool,
+    ks: List[float],
+    k_temperatures: List[float],
+    memory_efficient: bool,
     backend: str,
     compute_grad: bool,
 ) -> List[Tensor]:
-    spec = LossSpec.from_flat(kind, variant, anneal, alpha, b, cosine, mean)
+    spec = LossSpec.from_flat(kind, variant, anneal, alpha, b, cosine, mean, ks, k_temperatures, memory_efficient)
     with _autocast_off(E.device.type):
         out, n_valid, prep, G = get_backend(backend).loss_forward(E, labels, spec, compute_grad)
     return [out, n_valid, *[_fresh(t, (E, labels)) for t in prep], _empty_like_none(G, out)]
 
 
 @_square_fwd.register_fake
-def _square_fwd_fake(E, labels, kind, variant, anneal, alpha, b, cosine, mean, backend, compute_grad):
+def _square_fwd_fake(E, labels, kind, variant, anneal, alpha, b, cosine, mean, *rest):
+    *_, backend, compute_grad = rest
     n, d = E.shape
     dt = LossSpec.compute_dtype_of(E.dtype)
     new = lambda *shape, dtype=dt: E.new_empty(shape, dtype=dtype)  # noqa: E731
@@ -191,10 +195,13 @@ def _square_bwd(
     b: float,
     cosine: bool,
     mean: bool,
+    ks: List[float],
+    k_temperatures: List[float],
+    memory_efficient: bool,
     out_dtype: torch.dtype,
     backend: str,
 ) -> Tensor:
-    spec = LossSpec.from_flat(kind, variant, anneal, alpha, b, cosine, mean)
+    spec = LossSpec.from_flat(kind, variant, anneal, alpha, b, cosine, mean, ks, k_temperatures, memory_efficient)
     with _autocast_off(G.device.type):
         return get_backend(backend).loss_backward(
             grad_out, SquarePrep(Xs, perm, lo, hi, denom), n_valid, G, spec, out_dtype
@@ -203,14 +210,33 @@ def _square_bwd(
 
 @_square_bwd.register_fake
 def _square_bwd_fake(
-    grad_out, n_valid, Xs, perm, lo, hi, denom, G, kind, variant, anneal, alpha, b, cosine, mean, out_dtype, backend
+    grad_out,
+    n_valid,
+    Xs,
+    perm,
+    lo,
+    hi,
+    denom,
+    G,
+    kind,
+    variant,
+    anneal,
+    alpha,
+    b,
+    cosine,
+    mean,
+    ks,
+    k_temperatures,
+    memory_efficient,
+    out_dtype,
+    backend,
 ):
     return Xs.new_empty(Xs.shape, dtype=out_dtype)
 
 
 def _square_setup(ctx, inputs, output):
-    E, labels, kind, variant, anneal, alpha, b, cosine, mean, backend, compute_grad = inputs
-    ctx.meta = ((kind, variant, anneal, alpha, b, cosine, mean), E.dtype, backend, compute_grad)
+    E, labels, *flat, backend, compute_grad = inputs
+    ctx.meta = (tuple(flat), E.dtype, backend, compute_grad)
     ctx.save_for_backward(*output[1:])
 
 
@@ -219,7 +245,7 @@ def _square_backward(ctx, grads):
     if not compute_grad:
         raise RuntimeError(_NO_GRAD_MSG)
     dE = _square_bwd(grads[0].contiguous(), *ctx.saved_tensors, *flat, out_dtype, backend)
-    return dE, None, None, None, None, None, None, None, None, None, None
+    return (dE,) + (None,) * 13
 
 
 _square_fwd.register_autograd(_square_backward, setup_context=_square_setup)
@@ -239,10 +265,13 @@ def _reference_fwd(
     b: float,
     cosine: bool,
     mean: bool,
+    ks: List[float],
+    k_temperatures: List[float],
+    memory_efficient: bool,
     backend: str,
     compute_grad: bool,
 ) -> List[Tensor]:
-    spec = LossSpec.from_flat(kind, variant, anneal, alpha, b, cosine, mean)
+    spec = LossSpec.from_flat(kind, variant, anneal, alpha, b, cosine, mean, ks, k_temperatures, memory_efficient)
     with _autocast_off(Eq.device.type):
         out, n_valid, prep, G = get_backend(backend).reference_forward(
             Eq, yq, Er, yr, query_ref_index, spec, compute_grad
@@ -253,7 +282,23 @@ def _reference_fwd(
 
 @_reference_fwd.register_fake
 def _reference_fwd_fake(
-    Eq, yq, Er, yr, query_ref_index, kind, variant, anneal, alpha, b, cosine, mean, backend, compute_grad
+    Eq,
+    yq,
+    Er,
+    yr,
+    query_ref_index,
+    kind,
+    variant,
+    anneal,
+    alpha,
+    b,
+    cosine,
+    mean,
+    ks,
+    k_temperatures,
+    memory_efficient,
+    backend,
+    compute_grad,
 ):
     q, d = Eq.shape
     m = Er.shape[0]
@@ -267,6 +312,7 @@ def _reference_fwd_fake(
         new(m, d),
         new(m, dtype=torch.int64),
         new(m) if cosine else new(0),
+        new(q, dtype=torch.int32),
         new(q, dtype=torch.int32),
         new(q, dtype=torch.int32),
         new(q, m) if compute_grad else new(0),
@@ -284,6 +330,7 @@ def _reference_bwd(
     denom_r: Tensor,
     lo: Tensor,
     hi: Tensor,
+    own: Tensor,
     G: Tensor,
     kind: int,
     variant: int,
@@ -292,14 +339,17 @@ def _reference_bwd(
     b: float,
     cosine: bool,
     mean: bool,
+    ks: List[float],
+    k_temperatures: List[float],
+    memory_efficient: bool,
     q_dtype: torch.dtype,
     r_dtype: torch.dtype,
     backend: str,
     need_q: bool,
     need_r: bool,
 ) -> List[Tensor]:
-    spec = LossSpec.from_flat(kind, variant, anneal, alpha, b, cosine, mean)
-    prep = ReferencePrep(Xq, denom_q, Xr, perm_r, denom_r, lo, hi)
+    spec = LossSpec.from_flat(kind, variant, anneal, alpha, b, cosine, mean, ks, k_temperatures, memory_efficient)
+    prep = ReferencePrep(Xq, denom_q, Xr, perm_r, denom_r, lo, hi, own)
     with _autocast_off(G.device.type):
         dEq, dEr = get_backend(backend).reference_backward(
             grad_out, prep, n_valid, G, spec, q_dtype, r_dtype, need_q, need_r
@@ -318,6 +368,7 @@ def _reference_bwd_fake(
     denom_r,
     lo,
     hi,
+    own,
     G,
     kind,
     variant,
@@ -326,6 +377,9 @@ def _reference_bwd_fake(
     b,
     cosine,
     mean,
+    ks,
+    k_temperatures,
+    memory_efficient,
     q_dtype,
     r_dtype,
     backend,
@@ -339,8 +393,8 @@ def _reference_bwd_fake(
 
 
 def _reference_setup(ctx, inputs, output):
-    Eq, yq, Er, yr, qri, kind, variant, anneal, alpha, b, cosine, mean, backend, compute_grad = inputs
-    ctx.meta = ((kind, variant, anneal, alpha, b, cosine, mean), Eq.dtype, Er.dtype, backend, compute_grad)
+    Eq, yq, Er, yr, qri, *flat, backend, compute_grad = inputs
+    ctx.meta = (tuple(flat), Eq.dtype, Er.dtype, backend, compute_grad)
     ctx.save_for_backward(*output[1:])
 
 
@@ -352,7 +406,7 @@ def _reference_backward(ctx, grads):
     dEq, dEr = _reference_bwd(
         grads[0].contiguous(), *ctx.saved_tensors, *flat, q_dtype, r_dtype, backend, need_q, need_r
     )
-    return (dEq if need_q else None, None, dEr if need_r else None) + (None,) * 11
+    return (dEq if need_q else None, None, dEr if need_r else None) + (None,) * 14
 
 
 _reference_fwd.register_autograd(_reference_backward, setup_context=_reference_setup)
@@ -361,9 +415,26 @@ _reference_fwd.register_autograd(_reference_backward, setup_context=_reference_s
 # ---- entry points -------------------------------------------------------------------------
 
 
+@torch.compiler.disable
+def _square_eager(E, labels, spec, backend, compute_grad):
+    return SquareLoss.apply(E, labels, spec, backend, compute_grad)
+
+
+@torch.compiler.disable
+def _reference_eager(Eq, yq, Er, yr, query_ref_index, spec, backend, need_q, need_r):
+    return ReferenceLoss.apply(Eq, yq, Er, yr, query_ref_index, spec, backend, need_q, need_r)
+
+
 def apply_square(E: Tensor, labels: Tensor, spec: LossSpec, backend: str, compute_grad: bool) -> Tuple[Tensor, Tensor]:
-    """(output, n_valid), through the custom op when compiling, else the autograd.Function."""
+    """(output, n_valid), through the custom op when compiling, else the autograd.Function.
+
+    ``memory_efficient=None`` is decided here, from the problem size. The memory-efficient
+    path keeps data-dependent state (per positive lane), so a compiled graph calls it
+    eagerly (a graph break) instead of through the custom op."""
+    spec = spec.resolved(E.shape[0], E.shape[0])
     if is_compiling():
+        if spec.memory_efficient:
+            return _square_eager(E, labels, spec, backend, compute_grad)
         res = _square_fwd(E, labels, *spec.flat(), backend, compute_grad)
         return res[0], res[1]
     return SquareLoss.apply(E, labels, spec, backend, compute_grad)
@@ -380,8 +451,11 @@ def apply_reference(
     need_q: bool,
     need_r: bool,
 ) -> Tuple[Tensor, Tensor]:
-    """(output, n_valid) of queries ranked against a reference set."""
+    """(output, n_valid) of queries ranked against a reference set (see :func:`apply_square`)."""
+    spec = spec.resolved(Eq.shape[0], Er.shape[0])
     if is_compiling():
+        if spec.memory_efficient:
+            return _reference_eager(Eq, yq, Er, yr, query_ref_index, spec, backend, need_q, need_r)
         res = _reference_fwd(Eq, yq, Er, yr, query_ref_index, *spec.flat(), backend, need_q or need_r)
         return res[0], res[1]
     return ReferenceLoss.apply(Eq, yq, Er, yr, query_ref_index, spec, backend, need_q, need_r)

@@ -1,5 +1,5 @@
-"""``pnp_loss`` and ``smooth_ap_loss``: input validation, the spec, and dispatch to the
-square, reference-set or distributed path.
+"""``pnp_loss``, ``smooth_ap_loss`` and ``recall_at_k_loss``: input validation, the spec,
+and dispatch to the square, reference-set or distributed path.
 
 Validation only looks at shapes, dtypes, devices and Python scalars (and, for CPU
 tensors only, the values of ``query_ref_index``), so it never synchronises with a
@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
 from .autograd import apply_reference, apply_square
 from .backends import BACKEND_NAMES, resolve_backend
 from .spec import REDUCTIONS, SIMILARITIES, LossSpec
-from .variants import LOSS_PNP, LOSS_SMOOTH_AP, VARIANTS, resolve_variant
+from .variants import LOSS_PNP, LOSS_RECALL_AT_K, LOSS_SMOOTH_AP, VARIANTS, resolve_variant
 
-__all__ = ["pnp_loss", "smooth_ap_loss", "SIMILARITIES", "REDUCTIONS"]
+__all__ = ["pnp_loss", "smooth_ap_loss", "recall_at_k_loss", "SIMILARITIES", "REDUCTIONS"]
 
 Tensor = torch.Tensor
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -45,10 +45,19 @@ def check_options(similarity, reduction, backend) -> None:
         raise ValueError(f"backend: unknown value {backend!r}; valid values are auto, {', '.join(BACKEND_NAMES)}")
 
 
-def pnp_spec(variant="O", anneal=0.01, alpha=1.0, b=2.0, similarity="cosine", reduction="mean") -> LossSpec:
+def check_memory_efficient(value) -> Optional[bool]:
+    """``memory_efficient`` as given, or a TypeError naming it unless it is True, False or None."""
+    if value is None or value is True or value is False:
+        return value
+    raise TypeError(f"memory_efficient: expected True, False or None (auto), got {value!r}")
+
+
+def pnp_spec(
+    variant="O", anneal=0.01, alpha=1.0, b=2.0, similarity="cosine", reduction="mean", memory_efficient=None
+) -> LossSpec:
     """The checked spec of a PNP call."""
     v = resolve_variant(variant)
-    spec = LossSpec(
+    return LossSpec(
         LOSS_PNP,
         v,
         check_positive("anneal", anneal),
@@ -56,11 +65,11 @@ def pnp_spec(variant="O", anneal=0.01, alpha=1.0, b=2.0, similarity="cosine", re
         check_positive("b", b),
         similarity == "cosine",
         reduction == "mean",
+        memory_efficient=check_memory_efficient(memory_efficient),
     )
-    return spec
 
 
-def smooth_ap_spec(temperature=0.01, similarity="cosine", reduction="mean") -> LossSpec:
+def smooth_ap_spec(temperature=0.01, similarity="cosine", reduction="mean", memory_efficient=None) -> LossSpec:
     """The checked spec of a Smooth-AP call."""
     return LossSpec(
         LOSS_SMOOTH_AP,
@@ -70,6 +79,67 @@ def smooth_ap_spec(temperature=0.01, similarity="cosine", reduction="mean") -> L
         2.0,
         similarity == "cosine",
         reduction == "mean",
+        memory_efficient=check_memory_efficient(memory_efficient),
+    )
+
+
+DEFAULT_KS = (1, 2, 4, 8, 16)
+
+
+def _check_ks(k) -> Tuple[int, ...]:
+    """k as a tuple of distinct positive ints (ValueError naming ``k`` otherwise)."""
+    values = (k,) if isinstance(k, (numbers.Integral, torch.SymInt)) and not isinstance(k, bool) else k
+    try:
+        values = tuple(values)
+    except TypeError:
+        raise ValueError(f"k: expected a positive int or a sequence of them, got {k!r}") from None
+    if not values:
+        raise ValueError("k: expected at least one value, got an empty sequence")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+            raise ValueError(f"k: every value must be a positive int, got {v!r} in {k!r}")
+    if len(set(values)) != len(values):
+        raise ValueError(f"k: values must be distinct, got {k!r}")
+    return tuple(int(v) for v in values)
+
+
+def recall_at_k_spec(
+    k=DEFAULT_KS, temperature=0.01, k_temperature=None, similarity="cosine", reduction="mean", memory_efficient=None
+) -> LossSpec:
+    """The checked spec of a Recall@k surrogate call (tau2_k = k when ``k_temperature`` is None)."""
+    ks = _check_ks(k)
+    tau1 = check_positive("temperature", temperature)
+    if k_temperature is None:
+        temps = tuple(float(v) for v in ks)
+    elif isinstance(k_temperature, (numbers.Real, torch.SymFloat)) and not isinstance(k_temperature, bool):
+        try:
+            temps = (check_positive("k_temperature", k_temperature),) * len(ks)
+        except TypeError as exc:
+            raise ValueError(str(exc)) from None
+    else:
+        try:
+            seq = tuple(k_temperature)
+        except TypeError:
+            raise ValueError(
+                f"k_temperature: expected None, a number > 0 or one per k, got {k_temperature!r}"
+            ) from None
+        if len(seq) != len(ks):
+            raise ValueError(f"k_temperature: expected one value per k ({len(ks)}), got {len(seq)}")
+        try:
+            temps = tuple(check_positive("k_temperature", t) for t in seq)
+        except TypeError as exc:
+            raise ValueError(str(exc)) from None
+    return LossSpec(
+        LOSS_RECALL_AT_K,
+        VARIANTS["O"],
+        tau1,
+        1.0,
+        2.0,
+        similarity == "cosine",
+        reduction == "mean",
+        ks=tuple(float(v) for v in ks),
+        k_temperatures=temps,
+        memory_efficient=check_memory_efficient(memory_efficient),
     )
 
 
@@ -210,6 +280,7 @@ def pnp_loss(
     backend: str = "auto",
     distributed: bool = False,
     process_group=None,
+    memory_efficient: Optional[bool] = None,
 ) -> Tensor:
     """PNP loss (Li et al., AAAI 2022), exact and in O(B^2) memory (O(Q M) against a reference set).
 
@@ -240,6 +311,11 @@ def pnp_loss(
             embeddings receive W times the gradient of it, so that DDP's averaging gives
             the single-process gradient. No effect without an initialised group of >= 2.
         process_group: the torch.distributed group (default: the world).
+        memory_efficient: True: never store a Q x M buffer (similarity tiles are
+            recomputed; O((Q + M) D + Q P_max) memory); False: the dense path (S and its
+            gradient, two Q x M buffers); None (auto): dense unless those two buffers
+            (8 Q M bytes) exceed ``PNP_KERNELS_DENSE_MAX_BYTES`` (default 4 GiB, read at
+            each call). Same values and gradients either way.
 
     Returns:
         A float32 scalar (float64 for float64 embeddings), or a (B,) vector for
@@ -251,7 +327,7 @@ def pnp_loss(
     the query's loss is mean_{j in P_i} f(R_ij) (1 - mean (1+R)^-alpha for "Dq").
     """
     check_options(similarity, reduction, backend)
-    spec = pnp_spec(variant, anneal, alpha, b, similarity, reduction)
+    spec = pnp_spec(variant, anneal, alpha, b, similarity, reduction, memory_efficient)
     return compute_loss(
         embeddings, labels, ref_emb, ref_labels, query_ref_index, spec, backend, distributed, process_group
     )[0]
@@ -270,6 +346,7 @@ def smooth_ap_loss(
     backend: str = "auto",
     distributed: bool = False,
     process_group=None,
+    memory_efficient: Optional[bool] = None,
 ) -> Tensor:
     """Smooth-AP loss (Brown et al., ECCV 2020), exact for any labels, in O(B^2) memory.
 
@@ -280,11 +357,54 @@ def smooth_ap_loss(
     A query whose class has no member besides itself is dropped, as in :func:`pnp_loss`.
 
     The arguments are those of :func:`pnp_loss` (without the PNP options); the
-    reference-set, distributed and backend rules are the same. ``reduction="none"``
-    gives 1 - AP_q per query, 0 for dropped ones.
+    reference-set, distributed, memory-efficient and backend rules are the same.
+    ``reduction="none"`` gives 1 - AP_q per query, 0 for dropped ones.
     """
     check_options(similarity, reduction, backend)
-    spec = smooth_ap_spec(temperature, similarity, reduction)
+    spec = smooth_ap_spec(temperature, similarity, reduction, memory_efficient)
+    return compute_loss(
+        embeddings, labels, ref_emb, ref_labels, query_ref_index, spec, backend, distributed, process_group
+    )[0]
+
+
+def recall_at_k_loss(
+    embeddings: Tensor,
+    labels: Tensor,
+    ref_emb: Optional[Tensor] = None,
+    ref_labels: Optional[Tensor] = None,
+    *,
+    query_ref_index: Optional[Tensor] = None,
+    k: Union[int, Sequence[int]] = DEFAULT_KS,
+    temperature: float = 0.01,
+    k_temperature: Union[None, float, Sequence[float]] = None,
+    similarity: str = "cosine",
+    reduction: str = "mean",
+    backend: str = "auto",
+    distributed: bool = False,
+    process_group=None,
+    memory_efficient: Optional[bool] = None,
+) -> Tensor:
+    """Recall@k surrogate loss (Patel, Tolias, Matas, CVPR 2022), for any labels, in O(B^2) memory.
+
+    Omega_q is the reference set without q's own copy (q itself in the square case,
+    ``query_ref_index[q]`` with a reference set); P_q its rows of q's class, and q is
+    valid iff |P_q| >= 1. For each positive j, the smoothed rank
+    r_qj = 1 + sum_{z in Omega_q, z != j} sigmoid((S_qz - S_qj) / temperature), and per k
+    R_k(q) = min(sum_{j in P_q} sigmoid((k - r_qj) / tau2_k), k) / min(k, |P_q|);
+    the query's loss is 1 - mean_k R_k(q), and the loss their mean over valid queries.
+
+    Args:
+        k: an int or a sequence of distinct positive ints (any order), taken literally.
+        temperature: tau1 > 0 of the rank sigmoid.
+        k_temperature: tau2_k: None (tau2_k = k, the authors' training setting), one
+            number > 0 for every k, or a sequence with one value per k.
+
+    The other arguments are those of :func:`pnp_loss`. Unlike the authors' code the
+    query is not ranked in its own gallery, any labels work, and no Python loop over
+    queries runs.
+    """
+    check_options(similarity, reduction, backend)
+    spec = recall_at_k_spec(k, temperature, k_temperature, similarity, reduction, memory_efficient)
     return compute_loss(
         embeddings, labels, ref_emb, ref_labels, query_ref_index, spec, backend, distributed, process_group
     )[0]

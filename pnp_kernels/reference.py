@@ -15,12 +15,12 @@ benchmarks only. This is the only module where such a tensor may appear.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
-from .variants import LOSS_PNP, LOSS_SMOOTH_AP, resolve_variant
+from .variants import LOSS_PNP, LOSS_RECALL_AT_K, LOSS_SMOOTH_AP, resolve_variant
 
 # The references' own formulas (pytorch-metric-learning / the authors' code), kept
 # apart from the kernels' accurate forms in variants.py so the oracle shares no code
@@ -33,7 +33,13 @@ _REFERENCE_F = {
     "Ib": lambda R, a, b: 1 / b**2 * (b * R - torch.log(1 + b * R)),
 }
 
-__all__ = ["pnp_loss_reference", "smooth_ap_loss_reference", "row_losses_reference", "reference_sigmoid"]
+__all__ = [
+    "pnp_loss_reference",
+    "smooth_ap_loss_reference",
+    "recall_at_k_loss_reference",
+    "row_losses_reference",
+    "reference_sigmoid",
+]
 
 
 def reference_sigmoid(x: torch.Tensor, temp: float) -> torch.Tensor:
@@ -149,22 +155,95 @@ def smooth_ap_loss_reference(
     return _reduce(1.0 - ap, valid, reduction)
 
 
+def _k_values(k, k_temperature) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """(k values, tau2_k) as the oracle reads them: tau2_k = k when k_temperature is None."""
+    ks = (k,) if isinstance(k, (int, float)) else tuple(k)
+    if k_temperature is None:
+        temps: Tuple[float, ...] = tuple(float(v) for v in ks)
+    elif isinstance(k_temperature, (int, float)):
+        temps = (float(k_temperature),) * len(ks)
+    else:
+        temps = tuple(float(t) for t in k_temperature)
+    return tuple(float(v) for v in ks), temps
+
+
+def _recall_rows(sim, positive, ranked, k, k_temperature, temperature):
+    """Per-row Recall@k surrogate loss, with n = |P_q|, from the brute-force rank of every positive.
+
+    ``positive[q, j]``: j in P_q; ``ranked[q, z]``: z in Omega_q (the rows that are ranked).
+    r_qj = 1 + sum_{z ranked, z != j} sigma((S_qz - S_qj)/tau1); R_k = min(sum_{j in P}
+    sigma((k - r_qj)/tau2_k), k) / min(k, n); loss = 1 - mean_k R_k."""
+    M = sim.shape[1]
+    not_self = 1.0 - torch.eye(M, dtype=sim.dtype, device=sim.device)
+    diff = sim[:, None, :] - sim[:, :, None]  # [q, j, z] = S_qz - S_qj
+    sig = reference_sigmoid(diff, temperature) * not_self[None] * ranked.to(sim.dtype)[:, None, :]
+    r = 1.0 + sig.sum(dim=-1)  # [q, j]
+    pos = positive.to(sim.dtype)
+    n = pos.sum(dim=1)
+    ks, temps = _k_values(k, k_temperature)
+    total = torch.zeros_like(n)
+    for kv, t2 in zip(ks, temps):
+        soft = (reference_sigmoid(kv - r, t2) * pos).sum(dim=1)
+        total = total + torch.minimum(soft, torch.full_like(soft, kv)) / torch.clamp(n, max=kv).clamp(min=1)
+    return 1.0 - total / len(ks), n
+
+
+def recall_at_k_loss_reference(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    ref_emb: Optional[torch.Tensor] = None,
+    ref_labels: Optional[torch.Tensor] = None,
+    *,
+    query_ref_index: Optional[torch.Tensor] = None,
+    k: Union[int, Sequence[int]] = (1, 2, 4, 8, 16),
+    temperature: float = 0.01,
+    k_temperature: Union[None, float, Sequence[float]] = None,
+    similarity: str = "cosine",
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Recall@k surrogate loss (Patel et al., CVPR 2022) by the Q x M x M formulation.
+
+    Omega_q is the reference set without q's own copy (the query itself in the square
+    case, ``query_ref_index[q]`` with a reference set); P_q its rows of q's class; q is
+    valid iff |P_q| >= 1. For j in P_q, r_qj = 1 + sum_{z in Omega_q, z != j}
+    sigma((S_qz - S_qj)/temperature) and, per k with tau2_k (``k_temperature``; k itself
+    when None), R_k = min(sum_j sigma((k - r_qj)/tau2_k), k) / min(k, |P_q|);
+    l_q = 1 - mean_k R_k.
+    """
+    sim, same, valid = _setup(embeddings, labels, ref_emb, ref_labels, query_ref_index, similarity, reduction)
+    Q, M = sim.shape
+    own = torch.zeros(Q, M, dtype=torch.bool, device=sim.device)
+    if ref_emb is None:
+        own = torch.eye(Q, dtype=torch.bool, device=sim.device)
+    elif query_ref_index is not None:
+        qri = query_ref_index.to(sim.device).long()
+        rows = torch.nonzero(qri >= 0)[:, 0]
+        own[rows, qri[rows]] = True
+    ranked = ~own
+    per_query, _ = _recall_rows(sim, same & ranked, ranked, k, k_temperature, temperature)
+    return _reduce(per_query, valid, reduction)
+
+
 def row_losses_reference(
     S: torch.Tensor,
     lo: torch.Tensor,
     hi: torch.Tensor,
+    own: Optional[torch.Tensor] = None,
     *,
     kind: int = LOSS_PNP,
     variant="O",
     anneal: float = 0.01,
     alpha: float = 1.0,
     b: float = 2.0,
+    ks: Sequence[float] = (),
+    k_temperatures: Sequence[float] = (),
 ) -> torch.Tensor:
     """The per-row loss every backend's row kernel computes on a similarity block.
 
     Row p of S (Q x M) has the positives [lo_p, hi_p) and every other column as a
     negative; a row with an empty segment is dropped (0). PNP: mean_j f(R_pj), the
-    Dq value being 1 - (1+R)^-alpha per pair; Smooth-AP: mean_j neg_j / (pos_j + neg_j).
+    Dq value being 1 - (1+R)^-alpha per pair; Smooth-AP: mean_j neg_j / (pos_j + neg_j);
+    Recall@k: the column ``own[p]`` (-1: none) is neither a positive nor ranked.
     The gradient dS of a kernel is checked against autograd through this function.
     """
     cols = torch.arange(S.shape[1], device=S.device)
@@ -185,6 +264,17 @@ def row_losses_reference(
         not_self = 1.0 - torch.eye(S.shape[1], dtype=S.dtype, device=S.device)
         pos_rank = 1.0 + (sig * (pos[:, None, :] * not_self[None])).sum(dim=-1)
         per_pair = R / (pos_rank + R)
+    elif kind == LOSS_RECALL_AT_K:
+        own_mask = torch.zeros_like(pos, dtype=torch.bool)
+        if own is not None:
+            own = own.to(S.device).long()
+            rows = torch.nonzero(own >= 0)[:, 0]
+            own_mask[rows, own[rows]] = True
+        ranked = ~own_mask
+        positive = pos.bool() & ranked
+        per_row, n_rec = _recall_rows(S, positive, ranked, tuple(ks), tuple(k_temperatures), anneal)
+        valid = (n_rec >= 1) & (n >= 1)
+        return torch.where(valid, per_row, torch.zeros_like(per_row))
     else:
         raise ValueError(f"kind: unknown loss kind {kind}")
     per_row = (per_pair * pos).sum(dim=1) / n.clamp(min=1)

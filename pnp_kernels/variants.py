@@ -37,6 +37,7 @@ import torch
 __all__ = [
     "LOSS_PNP",
     "LOSS_SMOOTH_AP",
+    "LOSS_RECALL_AT_K",
     "LOSS_KINDS",
     "Variant",
     "VARIANTS",
@@ -54,7 +55,8 @@ __all__ = [
 # Loss kinds: the row function a kernel runs (a compile-time constant of every kernel).
 LOSS_PNP = 0  # PNP: (1/|P|) sum_j f(R_j), R_j over the negatives
 LOSS_SMOOTH_AP = 1  # Smooth-AP: (1/|P|) sum_j neg_j / (pos_j + neg_j)  (= 1 - AP)
-LOSS_KINDS: Dict[str, int] = {"pnp": LOSS_PNP, "smooth_ap": LOSS_SMOOTH_AP}
+LOSS_RECALL_AT_K = 2  # Recall@k surrogate: 1 - mean_k min(sum_j sigma((k - r_j)/tau2_k), k) / min(k, |P|)
+LOSS_KINDS: Dict[str, int] = {"pnp": LOSS_PNP, "smooth_ap": LOSS_SMOOTH_AP, "recall_at_k": LOSS_RECALL_AT_K}
 
 # Series used by the accurate forms, below SERIES_MAX of their argument:
 SERIES_MAX = 0.5

@@ -14,7 +14,7 @@ from pnp_kernels.backends import get_backend
 from pnp_kernels.backends.torch_backend import TorchBackend
 from pnp_kernels.reference import row_losses_reference
 from pnp_kernels.spec import LossSpec
-from pnp_kernels.variants import LOSS_PNP, LOSS_SMOOTH_AP
+from pnp_kernels.variants import LOSS_PNP, LOSS_RECALL_AT_K, LOSS_SMOOTH_AP
 from pnp_kernels.variants import VARIANTS as VARIANT_TABLE
 
 from conftest import (
@@ -252,19 +252,24 @@ KERNEL_SIZES = [3, 2, 7, 1, 18, 4]
 
 
 def _kernel_segments():
-    """Segments of KERNEL_SIZES with the preparation's rule: a class of one gets an empty segment."""
+    """Segments of KERNEL_SIZES with the preparation's rule (a class of one gets an empty
+    segment) and own columns: each row's own copy, except a few rows that have none (-1)."""
     labels = torch.repeat_interleave(torch.arange(len(KERNEL_SIZES)), torch.tensor(KERNEL_SIZES))
     _, _, lo, hi = segments(labels)
-    return labels, lo, torch.where(hi - lo >= 2, hi, lo)
+    own = torch.arange(labels.numel(), dtype=torch.int32)
+    own[[1, 6, 20]] = -1
+    return labels, lo, torch.where(hi - lo >= 2, hi, lo), own
 
 
 def _spec(kind, variant):
     if kind == "smooth_ap":
         return LossSpec(LOSS_SMOOTH_AP, VARIANT_TABLE["O"], 0.05)
+    if kind == "recall_at_k":  # k = 2 clips in the classes of 7 and 18; tau2 mixed
+        return LossSpec(LOSS_RECALL_AT_K, VARIANT_TABLE["O"], 0.05, ks=(4.0, 1.0, 2.0), k_temperatures=(4.0, 0.5, 1.0))
     return LossSpec(LOSS_PNP, VARIANT_TABLE[variant], 0.05, 2.0, 3.0)
 
 
-ROW_CASES = [("pnp", v) for v in VARIANTS] + [("smooth_ap", "O")]
+ROW_CASES = [("pnp", v) for v in VARIANTS] + [("smooth_ap", "O"), ("recall_at_k", "O")]
 ROW_IDS = [f"{k}-{v}" if k == "pnp" else k for k, v in ROW_CASES]
 
 
@@ -273,17 +278,17 @@ ROW_IDS = [f"{k}-{v}" if k == "pnp" else k for k, v in ROW_CASES]
 def test_torch_row_stage_chunking(kind, variant, max_tile_elems):
     """Tiny tile budgets (one row per chunk, a few rows) give the same per-row loss and G."""
     gen = make_generator(1300 + ROW_CASES.index((kind, variant)))
-    labels, lo, hi = _kernel_segments()
+    labels, lo, hi, own = _kernel_segments()
     S = _random_S(labels.numel(), gen)
     spec = _spec(kind, variant)
-    l0, G0 = TorchBackend().row_losses_and_dS(S, lo, hi, spec, True)
+    l0, G0 = TorchBackend().row_losses_and_dS(S, lo, hi, own, spec, True)
     small = TorchBackend(max_tile_elems=max_tile_elems)
-    l1, G1 = small.row_losses_and_dS(S, lo, hi, spec, True)
+    l1, G1 = small.row_losses_and_dS(S, lo, hi, own, spec, True)
     assert l0.abs().sum() > 0 and G0.abs().sum() > 0
     assert torch.allclose(l1, l0, rtol=1e-6, atol=0)
     assert rel_err(G1, G0) <= 1e-6
     # without gradient: same loss, no G
-    l2, G2 = small.row_losses_and_dS(S, lo, hi, spec, False)
+    l2, G2 = small.row_losses_and_dS(S, lo, hi, own, spec, False)
     assert G2 is None
     assert torch.allclose(l2, l0, rtol=1e-6, atol=0)
 
@@ -292,11 +297,23 @@ def test_torch_row_stage_chunking(kind, variant, max_tile_elems):
 def test_torch_row_stage_matches_row_oracle(kind, variant):
     """The torch backend's row stage in float64 against the brute-force row oracle, loss and dS."""
     gen = make_generator(1350 + ROW_CASES.index((kind, variant)))
-    labels, lo, hi = _kernel_segments()
+    labels, lo, hi, own = _kernel_segments()
     S = _random_S(labels.numel(), gen, torch.float64).requires_grad_(True)
     spec = _spec(kind, variant)
-    loss, G = TorchBackend().row_losses_and_dS(S.detach(), lo, hi, spec, True)
-    ref = row_losses_reference(S, lo, hi, kind=spec.kind, variant=variant, anneal=0.05, alpha=2.0, b=3.0)
+    loss, G = TorchBackend().row_losses_and_dS(S.detach(), lo, hi, own, spec, True)
+    ref = row_losses_reference(
+        S,
+        lo,
+        hi,
+        own,
+        kind=spec.kind,
+        variant=variant,
+        anneal=0.05,
+        alpha=2.0,
+        b=3.0,
+        ks=spec.ks,
+        k_temperatures=spec.k_temperatures,
+    )
     w = torch.rand(ref.shape, generator=gen, dtype=torch.float64)
     ref_G = torch.autograd.grad((ref * w).sum(), S)[0]
     assert rel_err(loss, ref) <= 1e-12
@@ -306,6 +323,7 @@ def test_torch_row_stage_matches_row_oracle(kind, variant):
 KERNEL_CASES = (
     [("triton", k, v, False) for k, v in ROW_CASES]
     + [("triton", "pnp", "O", True), ("triton", "pnp", "Ib", True), ("triton", "smooth_ap", "O", True)]
+    + [("triton", "recall_at_k", "O", True)]
     + [("ext", k, v, False) for k, v in ROW_CASES]
 )
 
@@ -322,20 +340,18 @@ def test_backend_row_stage_matches_torch(name, kind, variant, small_tiles):
     require_backend(name)
     impl = get_backend(name)
     gen = make_generator(1400 + ROW_CASES.index((kind, variant)))
-    labels, lo, hi = _kernel_segments()
+    labels, lo, hi, own = _kernel_segments()
     S = _random_S(labels.numel(), gen)
     spec = _spec(kind, variant)
     if small_tiles:  # the smallest tiles the Triton launcher allows: multi-chunk paths
         from pnp_kernels.backends import triton_kernels
 
-        def rows(S, lo, hi, spec, grad):
-            return triton_kernels.row_losses_and_dS(
-                S, lo, hi, spec.kind, spec.variant.code, spec.anneal, spec.alpha, spec.b, grad, tile=128
-            )
+        def rows(S, lo, hi, own, spec, grad):
+            return triton_kernels.row_losses_and_dS(S, lo, hi, own, spec, grad, tile=128)
     else:
         rows = impl.row_losses_and_dS
-    lt, Gt = rows(S, lo, hi, spec, True)
-    l64, G64 = TorchBackend().row_losses_and_dS(S.double(), lo, hi, spec, True)
+    lt, Gt = rows(S, lo, hi, own, spec, True)
+    l64, G64 = TorchBackend().row_losses_and_dS(S.double(), lo, hi, own, spec, True)
     assert lt.dtype == torch.float32 and Gt.dtype == torch.float32
     assert rel_err(lt, l64) <= TOL32
     assert rel_err(Gt, G64) <= TOL32
@@ -349,6 +365,6 @@ def test_backend_row_stage_matches_torch(name, kind, variant, small_tiles):
     assert torch.allclose(Ht, Ht.t())
     if small_tiles or name != "triton":
         # no-gradient launch: same losses
-        ln, Gn = rows(S, lo, hi, spec, False)
+        ln, Gn = rows(S, lo, hi, own, spec, False)
         assert Gn is None
         assert torch.allclose(ln, lt, rtol=1e-6, atol=0)

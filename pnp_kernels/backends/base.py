@@ -34,6 +34,7 @@ from typing import ClassVar, Optional, Tuple
 import torch
 
 from ..spec import HALF_MAX, NORM_EPS, LossSpec, ReferencePrep, SquarePrep
+from . import tiled
 
 __all__ = ["Backend", "ForwardResult"]
 
@@ -78,15 +79,45 @@ class Backend:
     # ---- the row stage: every backend implements it ----------------------------------
 
     def row_losses_and_dS(
-        self, S: Tensor, lo: Tensor, hi: Tensor, spec: LossSpec, compute_grad: bool
+        self, S: Tensor, lo: Tensor, hi: Tensor, own: Tensor, spec: LossSpec, compute_grad: bool
     ) -> Tuple[Tensor, Optional[Tensor]]:
         """Per-row loss of a (queries x reference) similarity block and, if asked, its dS.
 
         Row p's positives are the columns [lo_p, hi_p); an empty segment drops the row
-        (loss 0, zero gradient row). PNP: mean_j f(R_pj); Smooth-AP: mean_j neg_j/all_j
-        (docs/semantics.md). ``dS[p, :] = d row_loss[p] / d S[p, :]``.
+        (loss 0, zero gradient row). ``own`` (int32, -1: none) is each row's own column:
+        Recall@k excludes it from the positives and the ranked set, PNP and Smooth-AP
+        count it as a positive. PNP: mean_j f(R_pj); Smooth-AP: mean_j neg_j/all_j;
+        Recall@k: 1 - mean_k R_k (docs/semantics.md). ``dS[p, :] = d row_loss[p] / d S[p, :]``.
         """
         raise NotImplementedError
+
+    # ---- the memory-efficient (tiled) stage: PyTorch default, backends may fuse it -------
+
+    def tiled_rows(
+        self, Xq: Tensor, Xr: Tensor, lo: Tensor, hi: Tensor, own: Tensor, spec: LossSpec, compute_grad: bool
+    ) -> Tuple[Tensor, Optional[Tensor]]:
+        """The row losses of S = Xq Xr^T without storing S: (row_loss, state or None).
+
+        ``state`` is what :meth:`tiled_grads` needs, O(Q * P_max): per (row, positive
+        lane) the weights a, b and the row sum T of docs/semantics.md.
+        """
+        return tiled.tiled_rows(Xq, Xr, lo, hi, own, spec, compute_grad)
+
+    def tiled_grads(
+        self,
+        Xq: Tensor,
+        Xr: Tensor,
+        lo: Tensor,
+        hi: Tensor,
+        own: Tensor,
+        state: Tensor,
+        g: Tensor,
+        spec: LossSpec,
+        need_q: bool,
+        need_r: bool,
+    ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        """(dXq, dXr) = (diag(g) G Xr, (diag(g) G)^T Xq) with the tiles of G recomputed, never stored."""
+        return tiled.tiled_grads(Xq, Xr, lo, hi, own, state, g, spec, need_q, need_r)
 
     # ---- shared stages ----------------------------------------------------------------
 
@@ -154,11 +185,16 @@ class Backend:
         return SquarePrep(Xs, perm, lo, hi, denom)
 
     def loss_forward(self, E: Tensor, labels: Tensor, spec: LossSpec, compute_grad: bool) -> ForwardResult:
-        """The whole square forward: (output, n_valid, SquarePrep, G or None)."""
+        """The whole square forward: (output, n_valid, SquarePrep, G or None); on the
+        memory-efficient path the last item is the tiled state instead of G."""
         prep = self.prepare(E, labels, spec)
-        S = torch.mm(prep.Xs, prep.Xs.t())
-        row_loss, G = self.row_losses_and_dS(S, prep.lo, prep.hi, spec, compute_grad)
-        del S  # at most two B x B buffers alive at once
+        own = torch.arange(prep.Xs.shape[0], device=prep.lo.device, dtype=torch.int32)
+        if spec.memory_efficient:
+            row_loss, G = self.tiled_rows(prep.Xs, prep.Xs, prep.lo, prep.hi, own, spec, compute_grad)
+        else:
+            S = torch.mm(prep.Xs, prep.Xs.t())
+            row_loss, G = self.row_losses_and_dS(S, prep.lo, prep.hi, own, spec, compute_grad)
+            del S  # at most two B x B buffers alive at once
         out, n_valid = self.reduce(row_loss, prep.lo, prep.hi, prep.perm, spec)
         return out, n_valid, prep, G
 
@@ -166,6 +202,12 @@ class Backend:
         self, grad_out: Tensor, prep: SquarePrep, n_valid: Tensor, G: Tensor, spec: LossSpec, out_dtype: torch.dtype
     ) -> Tensor:
         """dL/dE of the square forward."""
+        if spec.memory_efficient:
+            g = self.row_weights(grad_out.to(prep.Xs.dtype), prep.perm, n_valid, prep.Xs.shape[0], spec)
+            own = torch.arange(prep.Xs.shape[0], device=prep.lo.device, dtype=torch.int32)
+            dXq, dXr = self.tiled_grads(prep.Xs, prep.Xs, prep.lo, prep.hi, own, G, g, spec, True, True)
+            assert dXq is not None and dXr is not None
+            return self.unprepare(dXq + dXr, prep.Xs, prep.denom, prep.perm, spec.cosine, out_dtype)
         H = self.symmetric_grad(G, grad_out, prep, n_valid, spec)
         dXs = torch.mm(H, prep.Xs)
         del H
@@ -186,14 +228,17 @@ class Backend:
             M = yr.shape[0]
             # sorted position of each original reference row
             rank = torch.empty_like(perm_r).index_copy_(0, perm_r, torch.arange(M, device=perm_r.device))
-            own = (query_ref_index >= 0) & (query_ref_index < M)
+            has_own = (query_ref_index >= 0) & (query_ref_index < M)
             pos = rank.index_select(0, query_ref_index.clamp(0, M - 1))
-            count = count - (own & (pos >= lo) & (pos < hi)).to(count.dtype)
+            count = count - (has_own & (pos >= lo) & (pos < hi)).to(count.dtype)
+            own = torch.where(has_own, pos, torch.full_like(pos, -1)).to(torch.int32)
+        else:
+            own = torch.full_like(lo, -1)
         hi = torch.where(count >= 1, hi, lo)
         cdt = self.compute_dtype(Eq.dtype)
         Xq, denom_q = self.normalize(Eq.to(cdt), spec.cosine)
         Xr, denom_r = self.normalize(Er.index_select(0, perm_r).to(cdt), spec.cosine)
-        return ReferencePrep(Xq, denom_q, Xr, perm_r, denom_r, lo, hi)
+        return ReferencePrep(Xq, denom_q, Xr, perm_r, denom_r, lo, hi, own)
 
     def reference_forward(
         self,
@@ -205,11 +250,15 @@ class Backend:
         spec: LossSpec,
         compute_grad: bool,
     ) -> ForwardResult:
-        """The whole reference-mode forward: (output, n_valid, ReferencePrep, G or None)."""
+        """The whole reference-mode forward: (output, n_valid, ReferencePrep, G or None); on
+        the memory-efficient path the last item is the tiled state instead of G."""
         prep = self.prepare_reference(Eq, yq, Er, yr, query_ref_index, spec)
-        S = torch.mm(prep.Xq, prep.Xr.t())
-        row_loss, G = self.row_losses_and_dS(S, prep.lo, prep.hi, spec, compute_grad)
-        del S
+        if spec.memory_efficient:
+            row_loss, G = self.tiled_rows(prep.Xq, prep.Xr, prep.lo, prep.hi, prep.own, spec, compute_grad)
+        else:
+            S = torch.mm(prep.Xq, prep.Xr.t())
+            row_loss, G = self.row_losses_and_dS(S, prep.lo, prep.hi, prep.own, spec, compute_grad)
+            del S
         out, n_valid = self.reduce(row_loss, prep.lo, prep.hi, None, spec)
         return out, n_valid, prep, G
 
@@ -225,12 +274,18 @@ class Backend:
         need_q: bool,
         need_r: bool,
     ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
-        """(dL/dEq, dL/dEr), each None when not needed."""
-        g = self.row_weights(grad_out.to(G.dtype), None, n_valid, G.shape[0], spec)
-        Gs = G * g[:, None]
+        """(dL/dEq, dL/dEr), each None when not needed. With g the row weights, dXq =
+        g * (G Xr) and dXr = G^T (g * Xq): the products are scaled, never G itself (no
+        second Q x M buffer)."""
+        g = self.row_weights(grad_out.to(prep.Xq.dtype), None, n_valid, prep.Xq.shape[0], spec)
+        if spec.memory_efficient:
+            dXq, dXr = self.tiled_grads(prep.Xq, prep.Xr, prep.lo, prep.hi, prep.own, G, g, spec, need_q, need_r)
+        else:
+            dXq = torch.mm(G, prep.Xr).mul_(g[:, None]) if need_q else None
+            dXr = torch.mm(G.t(), prep.Xq * g[:, None]) if need_r else None
         dEq = dEr = None
-        if need_q:
-            dEq = self.unprepare(torch.mm(Gs, prep.Xr), prep.Xq, prep.denom_q, None, spec.cosine, q_dtype)
-        if need_r:
-            dEr = self.unprepare(torch.mm(Gs.t(), prep.Xq), prep.Xr, prep.denom_r, prep.perm_r, spec.cosine, r_dtype)
+        if dXq is not None:
+            dEq = self.unprepare(dXq, prep.Xq, prep.denom_q, None, spec.cosine, q_dtype)
+        if dXr is not None:
+            dEr = self.unprepare(dXr, prep.Xr, prep.denom_r, prep.perm_r, spec.cosine, r_dtype)
         return dEq, dEr

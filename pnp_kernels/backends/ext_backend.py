@@ -42,7 +42,13 @@ class ExtBackend(Backend):
             )
 
     def row_losses_and_dS(
-        self, S: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, spec: LossSpec, compute_grad: bool
+        self,
+        S: torch.Tensor,
+        lo: torch.Tensor,
+        hi: torch.Tensor,
+        own: torch.Tensor,
+        spec: LossSpec,
+        compute_grad: bool,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         if S.shape[1] > 0 and S.stride(1) != 1:
             S = S.contiguous()
@@ -65,6 +71,8 @@ class ExtBackend(Backend):
         return ext_build.ops().symmetrize(G, g.to(device=G.device, dtype=G.dtype).contiguous())
 
     def loss_forward(self, E: torch.Tensor, labels: torch.Tensor, spec: LossSpec, compute_grad: bool) -> ForwardResult:
+        if spec.memory_efficient:
+            return super().loss_forward(E, labels, spec, compute_grad)
         out, n_valid, Xs, perm, lo, hi, denom, G = ext_build.ops().loss_forward(
             E,
             labels,
@@ -80,4 +88,6 @@ class ExtBackend(Backend):
         return out, n_valid, SquarePrep(Xs, perm, lo, hi, denom), (G if compute_grad else None)
 
     def loss_backward(self, grad_out, prep: SquarePrep, n_valid, G, spec: LossSpec, out_dtype) -> torch.Tensor:
+        if spec.memory_efficient:
+            return super().loss_backward(grad_out, prep, n_valid, G, spec, out_dtype)
         return ext_build.ops().loss_backward(grad_out, n_valid, *prep, G, spec.cosine, spec.mean, out_dtype)

@@ -37,7 +37,13 @@ class TritonBackend(Backend):
         super().check_tensor(t, arg)
 
     def row_losses_and_dS(
-        self, S: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, spec: LossSpec, compute_grad: bool
+        self,
+        S: torch.Tensor,
+        lo: torch.Tensor,
+        hi: torch.Tensor,
+        own: torch.Tensor,
+        spec: LossSpec,
+        compute_grad: bool,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         return tk.row_losses_and_dS(
             S, lo, hi, spec.kind, spec.variant.code, spec.anneal, spec.alpha, spec.b, compute_grad

@@ -102,6 +102,11 @@ def parse_args(argv=None):
     p.add_argument("--rep-ms", type=int, default=100, help="GPU: do_bench rep (ms)")
     p.add_argument("--compile-max-B", type=int, default=512, help="reference-compiled only up to this B")
     p.add_argument("--no-mem", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument(
+        "--memory-efficient",
+        action="store_true",
+        help="add a memory_efficient=True row (provider NAME-me) next to every pnp_kernels provider",
+    )
     p.add_argument("--in-process", action="store_true", help="CPU: measure in this process (no subprocess isolation)")
     p.add_argument(
         "--cpu-mem-limit-gb",
@@ -255,6 +260,10 @@ def main(argv=None) -> list:
         args.cpu_mem_limit_gb = round(0.85 * harness.mem_available_gb(), 1)
     isolate = device.type == "cpu" and not args.in_process
     names = args.providers or [p for p in SQUARE_PNP if not providers.why_unavailable(p, device)]
+    if args.memory_efficient:
+        names = list(names) + [
+            n + "-me" for n in names if providers.get(n).backend and n + "-me" in providers.PROVIDERS
+        ]
     names = sorted(dict.fromkeys(names), key=providers.NAMES.index)  # floor and references first
     if any(providers.get(n).sorted_labels for n in names):
         args.sorted_labels = True

@@ -22,11 +22,19 @@ anneal, Smooth-AP with its temperature):
   torch, triton, ext   pnp_kernels.pnp_loss(backend=...), square batch.
   smooth-ap-torch, smooth-ap-triton, smooth-ap-ext
                        pnp_kernels.smooth_ap_loss(backend=...), square batch.
+  recall-at-k-torch, recall-at-k-triton, recall-at-k-ext
+                       pnp_kernels.recall_at_k_loss(backend=...), square batch, the
+                       authors' training setting (k = 1, 2, 4, 8, 16, tau2_k = k).
+  recall-at-k-loop     the same loss by the authors' algorithm: one query at a time in
+                       a Python loop (autograd through it), as their RecallatK does.
   refset-torch, refset-triton, refset-ext
                        pnp_kernels.pnp_loss(x, labels, ref_emb, ref_labels, backend=...):
                        B queries against M reference rows (see harness.Case); the
                        gradient flows to the queries (and to the reference set only
                        with Case.ref_grad).
+  NAME-me              for every pnp_kernels provider above: the same with
+                       memory_efficient=True (no Q x M buffer); e.g. torch-me, ext-me,
+                       smooth-ap-ext-me, refset-torch-me.
 
 A pnp_kernels provider is available when its backend is in
 ``pnp_kernels.available_backends()``; triton only on CUDA (the interpreter is never
@@ -63,26 +71,66 @@ class Provider:
     derived_bwd: bool = False  # bwd = fwd+bwd - fwd (no retain_graph)
 
 
-def _ours(kind: str, backend: str):
+RECALL_KS = (1, 2, 4, 8, 16)  # the authors' k_vals_train, with tau2_k = k
+
+
+def _ours(kind: str, backend: str, memory_efficient: Optional[bool] = None):
     def make(inp: Inputs, case: Case):
         import pnp_kernels
 
         y = inp.labels
+        kw = dict(backend=backend, memory_efficient=memory_efficient)
         if kind == "pnp":
-            return lambda t: pnp_kernels.pnp_loss(t, y, variant=case.variant, anneal=case.anneal, backend=backend)
-        return lambda t: pnp_kernels.smooth_ap_loss(t, y, temperature=case.temperature, backend=backend)
+            return lambda t: pnp_kernels.pnp_loss(t, y, variant=case.variant, anneal=case.anneal, **kw)
+        if kind == "recall_at_k":
+            return lambda t: pnp_kernels.recall_at_k_loss(t, y, k=RECALL_KS, temperature=case.temperature, **kw)
+        return lambda t: pnp_kernels.smooth_ap_loss(t, y, temperature=case.temperature, **kw)
 
     return make
 
 
-def _refset(backend: str):
+def _refset(backend: str, memory_efficient: Optional[bool] = None):
     def make(inp: Inputs, case: Case):
         import pnp_kernels
 
         y, r, yr = inp.labels, inp.ref, inp.ref_labels
-        return lambda t: pnp_kernels.pnp_loss(t, y, r, yr, variant=case.variant, anneal=case.anneal, backend=backend)
+        kw = dict(variant=case.variant, anneal=case.anneal, backend=backend, memory_efficient=memory_efficient)
+        return lambda t: pnp_kernels.pnp_loss(t, y, r, yr, **kw)
 
     return make
+
+
+def _recall_loop(inp: Inputs, case: Case):
+    """Recall@k by the authors' algorithm: a Python loop over the queries, each query's row
+    of similarities and its positives' smoothed ranks by autograd-visible tensor ops."""
+    y = inp.labels
+    tau1 = case.temperature
+
+    def loss_fn(t):
+        X = torch.nn.functional.normalize(t, dim=1)
+        S = X @ X.t()
+        B = S.shape[0]
+        total = S.new_zeros(())
+        n_valid = 0
+        for q in range(B):
+            keep = torch.ones(B, dtype=torch.bool, device=S.device)
+            keep[q] = False
+            row = S[q][keep]
+            pos = (y[keep] == y[q]).nonzero()[:, 0]
+            if pos.numel() == 0:
+                continue
+            diff = (row[None, :] - row[pos][:, None]) / tau1  # [j, z]
+            sig = torch.sigmoid(diff)
+            r = 0.5 + sig.sum(dim=1)  # 1 + sum over z != j (sigma(0) = 0.5 removed)
+            rec = S.new_zeros(())
+            for k in RECALL_KS:
+                soft = torch.sigmoid((k - r) / k).sum()
+                rec = rec + torch.clamp(soft, max=k) / min(k, pos.numel())
+            total = total + (1 - rec / len(RECALL_KS))
+            n_valid += 1
+        return total / max(n_valid, 1)
+
+    return loss_fn
 
 
 def _reference(inp: Inputs, case: Case):
@@ -165,6 +213,11 @@ def _list():
     for b in ("torch", "triton", "ext"):
         out.append(Provider(f"smooth-ap-{b}", f"smooth_ap_loss, backend={b!r}", _ours("smooth_ap", b), backend=b))
     for b in ("torch", "triton", "ext"):
+        out.append(Provider(f"recall-at-k-{b}", f"recall_at_k_loss, backend={b!r}", _ours("recall_at_k", b), backend=b))
+    out.append(
+        Provider("recall-at-k-loop", "Recall@k by a Python loop over queries (authors' algorithm)", _recall_loop)
+    )
+    for b in ("torch", "triton", "ext"):
         out.append(
             Provider(
                 f"refset-{b}",
@@ -174,6 +227,15 @@ def _list():
                 reference_set=True,
             )
         )
+    # the memory-efficient twin of every pnp_kernels provider
+    for p in [p for p in out if p.backend]:
+        kind = "pnp"
+        if p.name.startswith("smooth-ap-"):
+            kind = "smooth_ap"
+        elif p.name.startswith("recall-at-k-"):
+            kind = "recall_at_k"
+        make = _refset(p.backend, True) if p.reference_set else _ours(kind, p.backend, True)
+        out.append(dataclasses.replace(p, name=p.name + "-me", help=p.help + ", memory_efficient=True", make_loss=make))
     return {p.name: p for p in out}
 
 

@@ -5,14 +5,19 @@ each, padded to the block's largest segment) and columns in blocks of n, so that
 working tile is (m, P, n) elements, under ``MAX_TILE_ELEMS``; each S tile is
 recomputed by a GEMM whenever it is needed.
 
-forward  (one sweep): per (row, lane) the sums neg, pos, dneg, dpos of
-         ``row_math`` over every column tile; then the row loss and, per lane, the
-         weights a, b and the row sum T = (a dneg + b dpos) / tau. The state kept for
-         the backward is (Q, P_max, 3) = [a, b, T]: O(Q * P_max), never Q x M.
-backward (one sweep): per tile, G_tile = sum_t W_t (W_tk = w_tk sigma'(z_tk) / tau)
-         minus T at each lane's own column, scaled by the row weights g; then
+The positives of a row are its lanes' columns, so their sums (pos, dpos of
+``row_math``) come from the block's P x P similarities of the lanes, computed once per
+row block; the column tiles only carry the negatives: the tile's segment columns (and
+Recall@k's own column) are set to -inf, where sigma and sigma' are exactly 0.
+
+forward  (one sweep): neg and dneg per (row, lane) over every column tile; then the
+         row loss and, per lane, the weights a, b and T = (a dneg + b dpos) / tau. The
+         state kept for the backward is (Q, P_max, 3) = [a, b, T]: O(Q * P_max).
+backward (one sweep): per tile, G_tile = sum_t a_t sigma'(z_tk) / tau over the
+         negatives, plus, at each lane column u inside the tile, the positive part
+         sum_t b_t sigma'(z_tu) / tau - T_u; all scaled by the row weights g; then
          dXq_blk += G_tile Xr_tile and dXr_tile += G_tile^T Xq_blk, in a fixed order
-         (deterministic, no atomics).
+         (deterministic: no atomics, scatters with distinct indices only).
 
 The planning reads the segment lengths on the host (one synchronisation per call on
 a GPU). Backends with fused kernels override ``Backend.tiled_rows`` / ``tiled_grads``.
@@ -65,30 +70,41 @@ class _Block:
 
     def __init__(self, Xq: Tensor, Xr: Tensor, lo: Tensor, hi: Tensor, own: Tensor, r0: int, r1: int, P: int, spec):
         M = Xr.shape[0]
-        self.r0, self.r1, self.P = r0, r1, P
+        m = r1 - r0
+        self.P = P
+        self.tau = spec.anneal
         self.x = Xq[r0:r1]
         self.lo = lo[r0:r1].to(torch.int64)
         self.hi = hi[r0:r1].to(torch.int64)
-        self.own = own[r0:r1].to(torch.int64)
-        self.lane = lane_mask(self.lo, self.hi, self.own, P, spec)  # (m, P)
+        self.own = own[r0:r1].to(torch.int64) if spec.kind == LOSS_RECALL_AT_K else None
+        self.lane = lane_mask(self.lo, self.hi, own[r0:r1].to(torch.int64), P, spec)  # (m, P)
         t = torch.arange(P, device=Xq.device)
+        self.t = t
         self.jcol = self.lo[:, None] + t[None, :]  # lane columns (m, P)
         pcols = self.jcol.clamp(0, max(M - 1, 0))
-        # S_pj / tau of every lane, by the same dot products as the tiles
-        self.s_pos = torch.bmm(Xr[pcols.reshape(-1)].view(r1 - r0, P, -1), self.x[:, :, None])[:, :, 0] / spec.anneal
-        self.recall = spec.kind == LOSS_RECALL_AT_K
-        self.n_cols = max(1, min(M, MAX_TILE_ELEMS // max(1, (r1 - r0) * P)))
+        # S_pj / tau of every lane, by dot products (the tiles' own values at those columns are never used)
+        self.s_pos = torch.bmm(Xr[pcols.reshape(-1)].view(m, P, -1), self.x[:, :, None])[:, :, 0] / self.tau
+        # the P x P block of the positives: x_pp[p, t, u] = (S_pu - S_pt) / tau over active lanes u != t
+        self.pair = self.lane[:, None, :] & ~torch.eye(P, dtype=torch.bool, device=Xq.device)[None]
+        self.x_pp = self.s_pos[:, None, :] - self.s_pos[:, :, None]
+        self.n_cols = max(1, min(M, MAX_TILE_ELEMS // max(1, m * P)))
 
-    def tile(self, Xr: Tensor, c0: int, c1: int, tau: float):
-        """(z, negative mask, other-positive mask) of the columns [c0, c1)."""
-        St = torch.mm(self.x, Xr[c0:c1].t()) / tau  # (m, n)
+    def positives(self, compute_grad: bool):
+        """(pos, dpos, sig_pp): the lanes' sums over the other active positives."""
+        sig_pp = torch.sigmoid(self.x_pp).masked_fill_(~self.pair, 0.0)
+        pos = sig_pp.sum(dim=-1)
+        dpos = sigmoid_prime(self.x_pp, sig_pp).sum(dim=-1) if compute_grad else None
+        return pos, dpos, sig_pp
+
+    def tile(self, Xr: Tensor, c0: int, c1: int) -> Tensor:
+        """z[p, t, k] = (S_pk - S_pj_t) / tau over the negatives of columns [c0, c1), -inf elsewhere."""
+        St = torch.mm(self.x, Xr[c0:c1].t()).div_(self.tau)  # (m, n)
         cols = torch.arange(c0, c1, device=St.device)
-        in_seg = (cols[None, :] >= self.lo[:, None]) & (cols[None, :] < self.hi[:, None])  # (m, n)
-        ranked = torch.ones_like(in_seg) if not self.recall else cols[None, :] != self.own[:, None]
-        neg = ~in_seg & ranked
-        pos = (in_seg & ranked)[:, None, :] & (cols[None, None, :] != self.jcol[:, :, None])  # (m, P, n)
-        z = St[:, None, :] - self.s_pos[:, :, None]
-        return z, neg, pos, cols
+        excluded = (cols[None, :] >= self.lo[:, None]) & (cols[None, :] < self.hi[:, None])
+        if self.own is not None:  # Recall@k: the own column is not ranked, wherever it lies
+            excluded |= cols[None, :] == self.own[:, None]
+        St.masked_fill_(excluded, float("-inf"))
+        return St[:, None, :] - self.s_pos[:, :, None]
 
 
 def tiled_rows(
@@ -102,34 +118,26 @@ def tiled_rows(
     p_max = max((p for _, _, p in blocks), default=0)
     row_loss = torch.zeros(Q, dtype=dt, device=Xq.device)
     state = torch.zeros(Q, p_max, 3, dtype=dt, device=Xq.device) if compute_grad else None
-    tau = spec.anneal
-    need_pos = spec.kind != LOSS_PNP
-    zero = torch.zeros((), dtype=dt, device=Xq.device)
     for r0, r1, P in blocks:
         blk = _Block(Xq, Xr, lo, hi, own, r0, r1, P, spec)
-        m = r1 - r0
-        neg = torch.zeros(m, P, dtype=dt, device=Xq.device)
-        pos = torch.zeros_like(neg)
+        neg = torch.zeros(r1 - r0, P, dtype=dt, device=Xq.device)
         dneg = torch.zeros_like(neg)
-        dpos = torch.zeros_like(neg)
         for c0 in range(0, M, blk.n_cols):
-            c1 = min(M, c0 + blk.n_cols)
-            z, negm, posm, _ = blk.tile(Xr, c0, c1, tau)
+            z = blk.tile(Xr, c0, min(M, c0 + blk.n_cols))
             sig = torch.sigmoid(z)
-            neg += torch.where(negm[:, None, :], sig, zero).sum(dim=-1)
-            if need_pos:
-                pos += torch.where(posm, sig, zero).sum(dim=-1)
+            neg += sig.sum(dim=-1)
             if compute_grad:
-                sp = sigmoid_prime(z, sig)
-                dneg += torch.where(negm[:, None, :], sp, zero).sum(dim=-1)
-                if need_pos:
-                    dpos += torch.where(posm, sp, zero).sum(dim=-1)
+                dneg += sigmoid_prime(z, sig).sum(dim=-1)
+        pos = dpos = None
+        if spec.kind != LOSS_PNP:
+            pos, dpos, _ = blk.positives(compute_grad)
         loss, a, b = row_terms(neg, pos, blk.lane, spec, compute_grad)
         row_loss[r0:r1] = loss
         if state is not None:
             state[r0:r1, :P, 0] = a
             state[r0:r1, :P, 1] = b
-            state[r0:r1, :P, 2] = (a * dneg + b * dpos) / tau
+            T = a * dneg if dpos is None else a * dneg + b * dpos
+            state[r0:r1, :P, 2] = T / spec.anneal
     return row_loss, state
 
 
@@ -151,25 +159,32 @@ def tiled_grads(
     dXr = torch.zeros_like(Xr) if need_r else None
     if not (need_q or need_r) or Q == 0:
         return dXq, dXr
-    cnt = (hi - lo).tolist()
     tau = spec.anneal
-    zero = torch.zeros((), dtype=Xq.dtype, device=Xq.device)
     g = g.to(Xq.dtype)
-    for r0, r1, P in plan_row_blocks(cnt):
+    for r0, r1, P in plan_row_blocks((hi - lo).tolist()):
         blk = _Block(Xq, Xr, lo, hi, own, r0, r1, P, spec)
+        m = r1 - r0
         gw = g[r0:r1, None]
-        a = (state[r0:r1, :P, 0] * gw)[:, :, None]
-        b = (state[r0:r1, :P, 1] * gw)[:, :, None]
-        T = state[r0:r1, :P, 2] * gw
+        a = (state[r0:r1, :P, 0] * gw)[:, None, :]  # (m, 1, P): the bmm below sums over the lanes
+        # the lane columns' own value: sum_t b_t sigma'(x_tu) / tau - T_u (inactive lanes: 0)
+        g_lane = -state[r0:r1, :P, 2] * gw
+        if spec.kind != LOSS_PNP:
+            _, _, sig_pp = blk.positives(False)
+            b = state[r0:r1, :P, 1] * gw
+            g_lane = g_lane + (sigmoid_prime(blk.x_pp, sig_pp) * b[:, :, None]).sum(dim=1) / tau
         for c0 in range(0, M, blk.n_cols):
             c1 = min(M, c0 + blk.n_cols)
-            z, negm, posm, cols = blk.tile(Xr, c0, c1, tau)
+            n = c1 - c0
+            z = blk.tile(Xr, c0, c1)
             sp = sigmoid_prime(z, torch.sigmoid(z))
-            w = torch.where(negm[:, None, :], a, torch.where(posm, b, zero))
-            G = (w * sp).sum(dim=1) / tau  # (m, n): sum_t W_tk
-            # minus T_t at lane t's own column, when it lies in this tile
-            at_lane = cols[None, None, :] == blk.jcol[:, :, None]
-            G = G - torch.where(at_lane, T[:, :, None], zero).sum(dim=1)
+            G = torch.zeros(m, n + P, dtype=Xq.dtype, device=Xq.device)
+            G[:, :n] = torch.bmm(a, sp)[:, 0, :] / tau
+            # lanes whose column lies in this tile add their value there; the others go to spare
+            # columns n + t, so every index of a row is distinct (deterministic)
+            inside = (blk.jcol >= c0) & (blk.jcol < c1)
+            dst = torch.where(inside, blk.jcol - c0, n + blk.t[None, :])
+            G.scatter_add_(1, dst, g_lane)
+            G = G[:, :n]
             if dXq is not None:
                 dXq[r0:r1] += torch.mm(G, Xr[c0:c1])
             if dXr is not None:

@@ -93,12 +93,13 @@ class ReferenceLoss(torch.autograd.Function):
         backend: str,
         need_q: bool,  # type: ignore[override]
         need_r: bool,
+        r_live: int = -1,
     ):
         impl = get_backend(backend)
         compute_grad = need_q or need_r
         with _autocast_off(Eq.device.type):
             out, n_valid, prep, G = impl.reference_forward(Eq, yq, Er, yr, query_ref_index, spec, compute_grad)
-        ctx.meta = (spec, backend, Eq.dtype, Er.dtype, need_q, need_r)
+        ctx.meta = (spec, backend, Eq.dtype, Er.dtype, need_q, need_r, r_live)
         ctx.mark_non_differentiable(n_valid)
         if compute_grad:
             ctx.save_for_backward(*prep, n_valid, G)
@@ -106,7 +107,7 @@ class ReferenceLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, _grad_n_valid):  # type: ignore[override]
-        spec, backend, q_dtype, r_dtype, need_q, need_r = ctx.meta
+        spec, backend, q_dtype, r_dtype, need_q, need_r, r_live = ctx.meta
         if not (need_q or need_r):
             raise RuntimeError(_NO_GRAD_MSG)
         *prep, n_valid, G = ctx.saved_tensors
@@ -121,8 +122,9 @@ class ReferenceLoss(torch.autograd.Function):
                 r_dtype,
                 need_q and ctx.needs_input_grad[0],
                 need_r and ctx.needs_input_grad[2],
+                r_live,
             )
-        return dEq, None, dEr, None, None, None, None, None, None
+        return dEq, None, dEr, None, None, None, None, None, None, None
 
 
 # ---- torch.compile: torch.library custom ops -------------------------------------------
@@ -234,6 +236,13 @@ def _square_bwd_fake(
     return Xs.new_empty(Xs.shape, dtype=out_dtype)
 
 
+def _no_grads(flat):
+    """The backward's None for each flattened spec input, in the structure torch.library
+    expects: None for a scalar or a non-empty list of floats (such as ``ks``), and an empty
+    list for an empty one (which it reads as a list of tensors)."""
+    return [[] if isinstance(v, (list, tuple)) and not v else None for v in flat]
+
+
 def _square_setup(ctx, inputs, output):
     E, labels, *flat, backend, compute_grad = inputs
     ctx.meta = (tuple(flat), E.dtype, backend, compute_grad)
@@ -245,7 +254,7 @@ def _square_backward(ctx, grads):
     if not compute_grad:
         raise RuntimeError(_NO_GRAD_MSG)
     dE = _square_bwd(grads[0].contiguous(), *ctx.saved_tensors, *flat, out_dtype, backend)
-    return (dE,) + (None,) * 13
+    return (dE, None, *_no_grads(flat), None, None)
 
 
 _square_fwd.register_autograd(_square_backward, setup_context=_square_setup)
@@ -270,6 +279,7 @@ def _reference_fwd(
     memory_efficient: bool,
     backend: str,
     compute_grad: bool,
+    r_live: int,
 ) -> List[Tensor]:
     spec = LossSpec.from_flat(kind, variant, anneal, alpha, b, cosine, mean, ks, k_temperatures, memory_efficient)
     with _autocast_off(Eq.device.type):
@@ -299,6 +309,7 @@ def _reference_fwd_fake(
     memory_efficient,
     backend,
     compute_grad,
+    r_live,
 ):
     q, d = Eq.shape
     m = Er.shape[0]
@@ -347,12 +358,13 @@ def _reference_bwd(
     backend: str,
     need_q: bool,
     need_r: bool,
+    r_live: int,
 ) -> List[Tensor]:
     spec = LossSpec.from_flat(kind, variant, anneal, alpha, b, cosine, mean, ks, k_temperatures, memory_efficient)
     prep = ReferencePrep(Xq, denom_q, Xr, perm_r, denom_r, lo, hi, own)
     with _autocast_off(G.device.type):
         dEq, dEr = get_backend(backend).reference_backward(
-            grad_out, prep, n_valid, G, spec, q_dtype, r_dtype, need_q, need_r
+            grad_out, prep, n_valid, G, spec, q_dtype, r_dtype, need_q, need_r, r_live
         )
     return [_empty_like_none(dEq, Xq), _empty_like_none(dEr, Xr)]
 
@@ -385,6 +397,7 @@ def _reference_bwd_fake(
     backend,
     need_q,
     need_r,
+    r_live,
 ):
     return [
         Xq.new_empty(Xq.shape if need_q else (0,), dtype=q_dtype),
@@ -393,20 +406,20 @@ def _reference_bwd_fake(
 
 
 def _reference_setup(ctx, inputs, output):
-    Eq, yq, Er, yr, qri, *flat, backend, compute_grad = inputs
-    ctx.meta = (tuple(flat), Eq.dtype, Er.dtype, backend, compute_grad)
+    Eq, yq, Er, yr, qri, *flat, backend, compute_grad, r_live = inputs
+    ctx.meta = (tuple(flat), Eq.dtype, Er.dtype, backend, compute_grad, r_live)
     ctx.save_for_backward(*output[1:])
 
 
 def _reference_backward(ctx, grads):
-    flat, q_dtype, r_dtype, backend, compute_grad = ctx.meta
+    flat, q_dtype, r_dtype, backend, compute_grad, r_live = ctx.meta
     if not compute_grad:
         raise RuntimeError(_NO_GRAD_MSG)
     need_q, need_r = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
     dEq, dEr = _reference_bwd(
-        grads[0].contiguous(), *ctx.saved_tensors, *flat, q_dtype, r_dtype, backend, need_q, need_r
+        grads[0].contiguous(), *ctx.saved_tensors, *flat, q_dtype, r_dtype, backend, need_q, need_r, r_live
     )
-    return (dEq if need_q else None, None, dEr if need_r else None) + (None,) * 14
+    return (dEq if need_q else None, None, dEr if need_r else None, None, None, *_no_grads(flat), None, None, None)
 
 
 _reference_fwd.register_autograd(_reference_backward, setup_context=_reference_setup)
@@ -421,8 +434,8 @@ def _square_eager(E, labels, spec, backend, compute_grad):
 
 
 @torch.compiler.disable
-def _reference_eager(Eq, yq, Er, yr, query_ref_index, spec, backend, need_q, need_r):
-    return ReferenceLoss.apply(Eq, yq, Er, yr, query_ref_index, spec, backend, need_q, need_r)
+def _reference_eager(Eq, yq, Er, yr, query_ref_index, spec, backend, need_q, need_r, r_live):
+    return ReferenceLoss.apply(Eq, yq, Er, yr, query_ref_index, spec, backend, need_q, need_r, r_live)
 
 
 def apply_square(E: Tensor, labels: Tensor, spec: LossSpec, backend: str, compute_grad: bool) -> Tuple[Tensor, Tensor]:
@@ -450,12 +463,16 @@ def apply_reference(
     backend: str,
     need_q: bool,
     need_r: bool,
+    r_live: int = -1,
 ) -> Tuple[Tensor, Tensor]:
-    """(output, n_valid) of queries ranked against a reference set (see :func:`apply_square`)."""
+    """(output, n_valid) of queries ranked against a reference set (see :func:`apply_square`).
+
+    ``r_live`` >= 0: only the first ``r_live`` rows of Er need a gradient (a live batch
+    ahead of a detached memory); the backward computes dEr for those rows only."""
     spec = spec.resolved(Eq.shape[0], Er.shape[0])
     if is_compiling():
         if spec.memory_efficient:
-            return _reference_eager(Eq, yq, Er, yr, query_ref_index, spec, backend, need_q, need_r)
-        res = _reference_fwd(Eq, yq, Er, yr, query_ref_index, *spec.flat(), backend, need_q or need_r)
+            return _reference_eager(Eq, yq, Er, yr, query_ref_index, spec, backend, need_q, need_r, r_live)
+        res = _reference_fwd(Eq, yq, Er, yr, query_ref_index, *spec.flat(), backend, need_q or need_r, r_live)
         return res[0], res[1]
-    return ReferenceLoss.apply(Eq, yq, Er, yr, query_ref_index, spec, backend, need_q, need_r)
+    return ReferenceLoss.apply(Eq, yq, Er, yr, query_ref_index, spec, backend, need_q, need_r, r_live)

@@ -7,12 +7,15 @@ import torch
 
 import pnp_kernels  # noqa: F401  (registers the ops)
 from pnp_kernels.spec import LossSpec
-from pnp_kernels.variants import LOSS_PNP, LOSS_SMOOTH_AP, VARIANTS
+from pnp_kernels.variants import LOSS_PNP, LOSS_RECALL_AT_K, LOSS_SMOOTH_AP, VARIANTS
 
 from conftest import require_backend
 
 CASES = [
-    (kind, cosine, mean) for kind in (LOSS_PNP, LOSS_SMOOTH_AP) for cosine in (True, False) for mean in (True, False)
+    (kind, cosine, mean)
+    for kind in (LOSS_PNP, LOSS_SMOOTH_AP, LOSS_RECALL_AT_K)
+    for cosine in (True, False)
+    for mean in (True, False)
 ]
 
 
@@ -24,7 +27,8 @@ def _devices_and_backends():
 
 
 def _flat(kind, cosine, mean):
-    return LossSpec(kind, VARIANTS["Dq"], 0.05, 2.0, 3.0, cosine, mean).flat()
+    ks = (2.0, 1.0) if kind == LOSS_RECALL_AT_K else ()
+    return LossSpec(kind, VARIANTS["Dq"], 0.05, 2.0, 3.0, cosine, mean, ks=ks, k_temperatures=ks).flat()
 
 
 @pytest.mark.parametrize("device,backend", _devices_and_backends())
@@ -42,9 +46,10 @@ def test_square_ops(device, backend, kind, cosine, mean):
     torch.library.opcheck(torch.ops.pnp_kernels.square_loss_bwd.default, bwd_args)
 
 
+@pytest.mark.parametrize("r_live", [-1, 4])
 @pytest.mark.parametrize("device,backend", _devices_and_backends())
 @pytest.mark.parametrize("kind,cosine,mean", CASES)
-def test_reference_ops(device, backend, kind, cosine, mean):
+def test_reference_ops(device, backend, kind, cosine, mean, r_live):
     require_backend(backend)
     gen = torch.Generator().manual_seed(1)
     Eq = torch.randn(6, 4, generator=gen).to(device).requires_grad_(True)
@@ -52,7 +57,7 @@ def test_reference_ops(device, backend, kind, cosine, mean):
     Er = torch.randn(9, 4, generator=gen).to(device).requires_grad_(True)
     yr = torch.tensor([0, 1, 1, 2, 2, 3, 3, 5, 0], device=device)
     qri = torch.tensor([0, -1, 2, 3, 5, -1], device=device)
-    args = (Eq, yq, Er, yr, qri, *_flat(kind, cosine, mean), backend, True)
+    args = (Eq, yq, Er, yr, qri, *_flat(kind, cosine, mean), backend, True, r_live)
     torch.library.opcheck(torch.ops.pnp_kernels.reference_loss_fwd.default, args)
     out = torch.ops.pnp_kernels.reference_loss_fwd(*args)
     bwd_args = (
@@ -64,5 +69,6 @@ def test_reference_ops(device, backend, kind, cosine, mean):
         backend,
         True,
         True,
+        r_live,
     )
     torch.library.opcheck(torch.ops.pnp_kernels.reference_loss_bwd.default, bwd_args)

@@ -115,9 +115,13 @@ class Backend:
         spec: LossSpec,
         need_q: bool,
         need_r: bool,
+        r_rows: Optional[Tensor] = None,
     ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
-        """(dXq, dXr) = (diag(g) G Xr, (diag(g) G)^T Xq) with the tiles of G recomputed, never stored."""
-        return tiled.tiled_grads(Xq, Xr, lo, hi, own, state, g, spec, need_q, need_r)
+        """(dXq, dXr) = (diag(g) G Xr, (diag(g) G)^T Xq) with the tiles of G recomputed, never stored.
+
+        ``r_rows`` (bool (M,), optional): the reference rows whose dXr is needed; the other
+        rows of dXr may be left 0 (a memory bank's rows are detached)."""
+        return tiled.tiled_grads(Xq, Xr, lo, hi, own, state, g, spec, need_q, need_r, r_rows)
 
     # ---- shared stages ----------------------------------------------------------------
 
@@ -273,19 +277,46 @@ class Backend:
         r_dtype: torch.dtype,
         need_q: bool,
         need_r: bool,
+        r_live: int = -1,
     ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
         """(dL/dEq, dL/dEr), each None when not needed. With g the row weights, dXq =
         g * (G Xr) and dXr = G^T (g * Xq): the products are scaled, never G itself (no
-        second Q x M buffer)."""
+        second Q x M buffer).
+
+        ``r_live`` >= 0: only the first ``r_live`` reference rows (in the caller's order)
+        need a gradient, the rest being detached (a memory bank behind the live batch):
+        dXr is computed for those rows only and the others get 0."""
         g = self.row_weights(grad_out.to(prep.Xq.dtype), None, n_valid, prep.Xq.shape[0], spec)
+        M = prep.Xr.shape[0]
+        live = need_r and 0 <= r_live < M
+        # sorted positions of the live rows, in a fixed-size, sync-free form: a stable sort
+        # puts the r_live positions whose original row is < r_live first
+        sel = torch.argsort((prep.perm_r >= r_live).to(torch.int8), stable=True)[:r_live] if live else None
         if spec.memory_efficient:
-            dXq, dXr = self.tiled_grads(prep.Xq, prep.Xr, prep.lo, prep.hi, prep.own, G, g, spec, need_q, need_r)
+            r_rows = None
+            if sel is not None:
+                r_rows = torch.zeros(M, dtype=torch.bool, device=sel.device).index_fill_(0, sel, True)
+            dXq, dXr = self.tiled_grads(
+                prep.Xq, prep.Xr, prep.lo, prep.hi, prep.own, G, g, spec, need_q, need_r, r_rows
+            )
+            if dXr is not None and sel is not None:
+                dXr = dXr.index_select(0, sel)
         else:
             dXq = torch.mm(G, prep.Xr).mul_(g[:, None]) if need_q else None
-            dXr = torch.mm(G.t(), prep.Xq * g[:, None]) if need_r else None
+            dXr = None
+            if need_r:
+                Gr = G if sel is None else G.index_select(1, sel)
+                dXr = torch.mm(Gr.t(), prep.Xq * g[:, None])
         dEq = dEr = None
         if dXq is not None:
             dEq = self.unprepare(dXq, prep.Xq, prep.denom_q, None, spec.cosine, q_dtype)
         if dXr is not None:
-            dEr = self.unprepare(dXr, prep.Xr, prep.denom_r, prep.perm_r, spec.cosine, r_dtype)
+            if sel is None:
+                dEr = self.unprepare(dXr, prep.Xr, prep.denom_r, prep.perm_r, spec.cosine, r_dtype)
+            else:  # the live rows are the original rows 0 .. r_live - 1: perm_r[sel] permutes them
+                denom = prep.denom_r.index_select(0, sel) if spec.cosine else prep.denom_r
+                d_live = self.unprepare(
+                    dXr, prep.Xr.index_select(0, sel), denom, prep.perm_r.index_select(0, sel), spec.cosine, r_dtype
+                )
+                dEr = torch.cat([d_live, d_live.new_zeros((M - r_live,) + tuple(d_live.shape[1:]))])
         return dEq, dEr

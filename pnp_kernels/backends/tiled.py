@@ -152,8 +152,10 @@ def tiled_grads(
     spec: LossSpec,
     need_q: bool,
     need_r: bool,
+    r_rows: Optional[Tensor] = None,
 ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
-    """(dXq, dXr) of the rows weighted by g, from the state of :func:`tiled_rows`."""
+    """(dXq, dXr) of the rows weighted by g, from the state of :func:`tiled_rows`; with
+    ``r_rows`` (bool (M,)) dXr only for those reference rows (0 elsewhere)."""
     Q, M = Xq.shape[0], Xr.shape[0]
     dXq = torch.zeros_like(Xq) if need_q else None
     dXr = torch.zeros_like(Xr) if need_r else None
@@ -188,5 +190,10 @@ def tiled_grads(
             if dXq is not None:
                 dXq[r0:r1] += torch.mm(G, Xr[c0:c1])
             if dXr is not None:
-                dXr[c0:c1] += torch.mm(G.t(), blk.x)
+                if r_rows is None:
+                    dXr[c0:c1] += torch.mm(G.t(), blk.x)
+                else:  # only the columns that need a gradient (distinct indices: deterministic)
+                    idx = torch.nonzero(r_rows[c0:c1])[:, 0]
+                    if idx.numel():
+                        dXr.index_add_(0, idx + c0, torch.mm(G.index_select(1, idx).t(), blk.x))
     return dXq, dXr

@@ -14,6 +14,11 @@ reported and the rest still runs); ``--skip`` takes their names:
                   the float64 torch backend at B = 1024; loss and gradient rel. errors.
   smooth_ap       Smooth-AP: the same backends, similarities and label patterns, both
                   reductions, vs smooth_ap_loss_reference in float64.
+  recall_at_k     the Recall@k surrogate: the same backends, similarities, label
+                  patterns and reductions, two K / tau2 settings (one clipped), vs
+                  recall_at_k_loss_reference in float64.
+  memory_efficient  memory_efficient=True on every backend: PNP (5 variants), Smooth-AP
+                  and Recall@k, square and reference set, vs float64.
   refset          reference sets: PNP (5 variants) and Smooth-AP, queries against a
                   reference set with and without query_ref_index (a memory bank that
                   holds the queries), gradients to queries and reference, vs float64.
@@ -69,11 +74,11 @@ import traceback
 import torch
 
 import pnp_kernels
-from pnp_kernels import pnp_loss, smooth_ap_loss
+from pnp_kernels import pnp_loss, recall_at_k_loss, smooth_ap_loss
 from pnp_kernels.backends import ext_build
-from pnp_kernels.reference import pnp_loss_reference, smooth_ap_loss_reference
+from pnp_kernels.reference import pnp_loss_reference, recall_at_k_loss_reference, smooth_ap_loss_reference
 from pnp_kernels.spec import LossSpec
-from pnp_kernels.variants import LOSS_PNP, LOSS_SMOOTH_AP
+from pnp_kernels.variants import LOSS_PNP, LOSS_RECALL_AT_K, LOSS_SMOOTH_AP
 from pnp_kernels.variants import VARIANTS as VARIANT_TABLE
 
 VARIANTS = list(VARIANT_TABLE)
@@ -353,14 +358,87 @@ def device_guard(backends):
     return ok
 
 
+RECALL_SETTINGS = [dict(k=(1, 2, 4, 8, 16), temperature=0.05), dict(k=2, temperature=0.05, k_temperature=0.5)]
+
+
+def recall_at_k_parity(device, backends, sizes):
+    """Recall@k vs recall_at_k_loss_reference in float64: patterns, similarities, reductions, K settings."""
+    ok = True
+    gen = torch.Generator().manual_seed(14)
+    log("| backend | B | labels | similarity | reduction | K | loss rel err | grad rel err |")
+    log("|---|---|---|---|---|---|---|---|")
+    for backend, B, pattern, sim, red, setting in itertools.product(
+        backends, sizes, PATTERNS, ["cosine", "dot"], ["mean", "none"], range(len(RECALL_SETTINGS))
+    ):
+        E = torch.randn(B, 32, generator=gen)
+        E = (E / 32**0.5 if sim == "dot" else E).to(device).requires_grad_()
+        y = labels_for(pattern, B, gen, device)
+        kw = dict(similarity=sim, reduction=red, **RECALL_SETTINGS[setting])
+        el, eg, finite = compare(
+            lambda: recall_at_k_loss(E, y, backend=backend, **kw),
+            lambda L: recall_at_k_loss_reference(L[0], y, **kw),
+            [E],
+            gen,
+            red,
+        )
+        good = finite and el <= 1e-5 and eg <= 1e-5
+        ok &= good
+        log(
+            f"| {backend} | {B} | {pattern} | {sim} | {red} | {setting} | {el:.1e} | {eg:.1e} |"
+            + ("" if good else " FAIL")
+        )
+    return ok
+
+
+def memory_efficient_parity(device, backends, B=61, Q=40, M=120):
+    """memory_efficient=True vs the float64 oracles: every kind, square and reference set."""
+    ok = True
+    gen = torch.Generator().manual_seed(15)
+    kinds = [(f"pnp-{v}", pnp_loss, pnp_loss_reference, dict(variant=v, anneal=0.05, alpha=2.0)) for v in VARIANTS]
+    kinds += [
+        ("smooth_ap", smooth_ap_loss, smooth_ap_loss_reference, dict(temperature=0.05)),
+        ("recall_at_k", recall_at_k_loss, recall_at_k_loss_reference, dict(k=(1, 2, 4), temperature=0.05)),
+    ]
+    log("| backend | loss | mode | loss rel err | grad rel err |")
+    log("|---|---|---|---|---|")
+    for backend, (name, fn, ref_fn, kw) in itertools.product(backends, kinds):
+        E = torch.randn(B, 32, generator=gen).to(device).requires_grad_()
+        y = labels_for("unequal", B, gen, device)
+        el, eg, finite = compare(
+            lambda: fn(E, y, backend=backend, memory_efficient=True, **kw),
+            lambda L: ref_fn(L[0], y, **kw),
+            [E],
+            gen,
+        )
+        good = finite and el <= 1e-5 and eg <= 1e-5
+        ok &= good
+        log(f"| {backend} | {name} | square | {el:.1e} | {eg:.1e} |" + ("" if good else " FAIL"))
+        Eq = torch.randn(Q, 32, generator=gen).to(device).requires_grad_()
+        Er = torch.randn(M, 32, generator=gen).to(device).requires_grad_()
+        yq = torch.randint(0, 6, (Q,), generator=gen).to(device)
+        yr = torch.randint(0, 6, (M,), generator=gen).to(device)
+        qri = torch.where(torch.arange(Q) % 2 == 0, torch.arange(Q) * 2, -1).to(device)
+        el, eg, finite = compare(
+            lambda: fn(Eq, yq, Er, yr, query_ref_index=qri, backend=backend, memory_efficient=True, **kw),
+            lambda L: ref_fn(L[0], yq, L[1], yr, query_ref_index=qri, **kw),
+            [Eq, Er],
+            gen,
+        )
+        good = finite and el <= 1e-5 and eg <= 1e-5
+        ok &= good
+        log(f"| {backend} | {name} | reference set | {el:.1e} | {eg:.1e} |" + ("" if good else " FAIL"))
+    return ok
+
+
 def opcheck(device, backends):
     """torch.library.opcheck of the package's four custom ops (argument lists of tests/test_opcheck.py)."""
     gen = torch.Generator().manual_seed(13)
     n = 0
     for backend, kind, cosine, mean in itertools.product(
-        backends, (LOSS_PNP, LOSS_SMOOTH_AP), (True, False), (True, False)
+        backends, (LOSS_PNP, LOSS_SMOOTH_AP, LOSS_RECALL_AT_K), (True, False), (True, False)
     ):
-        flat = LossSpec(kind, VARIANT_TABLE["Dq"], 0.05, 2.0, 3.0, cosine, mean).flat()
+        ks = (2.0, 1.0) if kind == LOSS_RECALL_AT_K else ()
+        flat = LossSpec(kind, VARIANT_TABLE["Dq"], 0.05, 2.0, 3.0, cosine, mean, ks=ks, k_temperatures=ks).flat()
         E = torch.randn(10, 4, generator=gen).to(device).requires_grad_(True)
         y = torch.tensor([0, 0, 1, 1, 1, 2, 3, 3, 4, 4], device=device)
         args = (E, y, *flat, backend, True)
@@ -373,14 +451,24 @@ def opcheck(device, backends):
         Er = torch.randn(9, 4, generator=gen).to(device).requires_grad_(True)
         yr = torch.tensor([0, 1, 1, 2, 2, 3, 3, 5, 0], device=device)
         qri = torch.tensor([0, -1, 2, 3, 5, -1], device=device)
-        args = (Eq, yq, Er, yr, qri, *flat, backend, True)
+        args = (Eq, yq, Er, yr, qri, *flat, backend, True, -1)
         torch.library.opcheck(torch.ops.pnp_kernels.reference_loss_fwd.default, args)
         out = torch.ops.pnp_kernels.reference_loss_fwd(*args)
-        bwd = (torch.ones_like(out[0]), *[t.detach() for t in out[1:]], *flat, Eq.dtype, Er.dtype, backend, True, True)
+        bwd = (
+            torch.ones_like(out[0]),
+            *[t.detach() for t in out[1:]],
+            *flat,
+            Eq.dtype,
+            Er.dtype,
+            backend,
+            True,
+            True,
+            -1,
+        )
         torch.library.opcheck(torch.ops.pnp_kernels.reference_loss_bwd.default, bwd)
         n += 4
     log(
-        f"  opcheck passed: {n} op checks on {device} ({', '.join(backends)} x 2 losses x 2 similarities "
+        f"  opcheck passed: {n} op checks on {device} ({', '.join(backends)} x 3 losses x 2 similarities "
         f"x 2 reductions x square/reference fwd/bwd)"
     )
     return True
@@ -818,6 +906,8 @@ def main():
         table_backends = [b for b in ("torch", "ext") if b in backends]
         run("parity", lambda: parity(device, cpu_backends, [24], 0))
         run("smooth_ap", lambda: smooth_ap_parity(device, cpu_backends, [24]))
+        run("recall_at_k", lambda: recall_at_k_parity(device, cpu_backends, [24]))
+        run("memory_efficient", lambda: memory_efficient_parity(device, cpu_backends, B=20, Q=10, M=24))
         run("refset", lambda: refset_parity(device, cpu_backends, Q=12, M=30))
         run("device_guard", lambda: device_guard(cpu_backends))
         run("opcheck", lambda: opcheck(device, table_backends))
@@ -839,6 +929,8 @@ def main():
         extra = [b for b in ("triton", "ext", "torch") if b in backends]
         run("parity", lambda: parity(device, backends, [61] if args.quick else [61, 384], 1024))
         run("smooth_ap", lambda: smooth_ap_parity(device, backends, [61] if args.quick else [61, 384]))
+        run("recall_at_k", lambda: recall_at_k_parity(device, backends, [61] if args.quick else [61, 384]))
+        run("memory_efficient", lambda: memory_efficient_parity(device, backends))
         run("refset", lambda: refset_parity(device, backends))
         run("sync", lambda: sync_free(device, cuda_backends))
         if "ext" in cuda_backends:

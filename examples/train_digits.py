@@ -14,10 +14,14 @@ in one call are trained from the same initial weights on the same batches:
     python examples/train_digits.py --loss pnp pml-pnp --out runs/digits
     python examples/train_digits.py --loss pnp --memory-size 200      # cross-batch memory
     python examples/train_digits.py --loss smooth-ap pml-smooth-ap --batch-size 25 --m-per-class 5
+    python examples/train_digits.py --loss pnp recall-at-k                 # Recall@k surrogate next to PNP
+    python examples/train_digits.py --loss pnp --chunk-size 8              # two-pass step, 8 images at a time
     torchrun --standalone --nproc_per_node 2 examples/train_digits.py --distributed --loss pnp
 
-Losses: ``pnp`` and ``smooth-ap`` are this package's; ``pml-pnp`` and
-``pml-smooth-ap`` are pytorch-metric-learning's, with the same options. Writes
+Losses: ``pnp``, ``smooth-ap`` and ``recall-at-k`` are this package's; ``pml-pnp`` and
+``pml-smooth-ap`` are pytorch-metric-learning's, with the same options. ``--chunk-size N``
+trains with ``pnp_kernels.two_pass_step``: the net's activations are held for N images at
+a time, and the metrics are those of the plain step to float rounding. Writes
 OUT/metrics.csv (one row per loss and epoch) and OUT/curves.png.
 
 Needs the ``examples`` extra: pip install -e ".[examples]"
@@ -46,7 +50,7 @@ TRAIN_CLASSES = (0, 1, 2, 3, 4)  # the zero-shot test split is the other five di
 SEEN_TEST_FRACTION = 0.25  # of each training class, held out as the seen-class test split
 SPLIT_SEED = 0  # fixed: the seen-class test split does not change with --seed
 EMBEDDING_SIZE = 64
-LOSSES = ("pnp", "pml-pnp", "smooth-ap", "pml-smooth-ap")
+LOSSES = ("pnp", "pml-pnp", "smooth-ap", "pml-smooth-ap", "recall-at-k")
 # our variant names (and the authors' aliases) -> pytorch-metric-learning's PNPLoss.VARIANTS
 PML_VARIANTS = {
     "O": "O",
@@ -73,6 +77,7 @@ CSV_COLUMNS = (
     "batch_size",
     "m_per_class",
     "memory_size",
+    "chunk_size",
     "world_size",
     "backend",
     "options",
@@ -253,6 +258,8 @@ def build_loss(name: str, args) -> nn.Module:
         loss = pnp_kernels.PNPLoss(variant=args.variant, anneal=args.anneal, alpha=args.alpha, b=args.b, **ours)
     elif name == "smooth-ap":
         loss = pnp_kernels.SmoothAPLoss(temperature=args.temperature, **ours)
+    elif name == "recall-at-k":
+        loss = pnp_kernels.RecallAtKLoss(k=tuple(args.recall_k), temperature=args.temperature, **ours)
     elif name == "pml-pnp":
         loss = require("pytorch_metric_learning.losses").PNPLoss(
             b=args.b, alpha=args.alpha, anneal=args.anneal, variant=PML_VARIANTS[args.variant]
@@ -267,6 +274,8 @@ def build_loss(name: str, args) -> nn.Module:
 def describe(name: str, args) -> str:
     if name.endswith("smooth-ap"):
         return f"temperature={args.temperature}"
+    if name == "recall-at-k":
+        return f"k={','.join(map(str, args.recall_k))} temperature={args.temperature} k_temperature=k"
     return f"variant={args.variant} anneal={args.anneal} alpha={args.alpha} b={args.b}"
 
 
@@ -274,6 +283,25 @@ def describe(name: str, args) -> str:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+class TimedLoss:
+    """Wraps a loss for the two-pass step and adds its forward + backward time to ``seconds``: from the
+    call to the moment the backward reaches the embeddings (a hook on them)."""
+
+    def __init__(self, loss: nn.Module, device: torch.device):
+        self.loss, self.device, self.seconds = loss, device, 0.0
+
+    def __call__(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        _sync(self.device)
+        start = time.perf_counter()
+
+        def done(grad):
+            _sync(self.device)
+            self.seconds += time.perf_counter() - start
+
+        embeddings.register_hook(done)
+        return self.loss(embeddings, labels)
 
 
 def evaluate(model: nn.Module, data) -> dict:
@@ -312,6 +340,7 @@ def train_run(name: str, args, data, env) -> list:
         "batch_size": args.batch_size,
         "m_per_class": args.m_per_class,
         "memory_size": memory,
+        "chunk_size": args.chunk_size,
         "world_size": env["world_size"],
         "backend": "pml" if name.startswith("pml-") else args.backend,
         "options": describe(name, args),
@@ -335,6 +364,15 @@ def train_run(name: str, args, data, env) -> list:
             if args.augment:
                 x = warp(x, random_affine(len(batch), args.augment, augment_generator)[mine])
             batch = batch[mine]
+            if args.chunk_size:
+                # embed without autograd, dL/dE on the whole batch, then re-embed chunk by chunk with autograd
+                optimizer.zero_grad(set_to_none=True)
+                timed = TimedLoss(loss_fn, env["device"])
+                loss = pnp_kernels.two_pass_step(net, x, y_train[batch], timed, chunk_size=args.chunk_size)
+                loss_seconds += timed.seconds
+                optimizer.step()
+                total += loss.item()
+                continue
             out = net(x)
             # the loss sees a detached leaf, so its forward + backward is timed alone
             emb = out.detach().requires_grad_()
@@ -429,11 +467,20 @@ def parse_args(argv=None):
     p.add_argument("--anneal", type=float, default=0.01, help="PNP sigmoid temperature")
     p.add_argument("--alpha", type=float, default=1.0, help="exponent of the Dq variant")
     p.add_argument("--b", type=float, default=2.0, help="slope of the Ib variant")
-    p.add_argument("--temperature", type=float, default=0.01, help="Smooth-AP sigmoid temperature")
+    p.add_argument("--temperature", type=float, default=0.01, help="Smooth-AP and Recall@k rank sigmoid temperature")
+    p.add_argument(
+        "--recall-k", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="the k of the Recall@k surrogate loss"
+    )
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=40, help="global batch size")
     p.add_argument("--m-per-class", type=int, default=8, help="samples per class in a batch")
     p.add_argument("--max-batches", type=int, default=None, help="cap on batches per epoch (quick runs)")
+    p.add_argument(
+        "--chunk-size",
+        type=int,
+        default=0,
+        help="train with pnp_kernels.two_pass_step, embedding this many images at a time (0: one plain step)",
+    )
     p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
     p.add_argument(
         "--arch",
@@ -492,6 +539,8 @@ def check_args(args, n_train_classes: int, class_sizes: list, world_size: int) -
         )
     if args.epochs < 0 or args.memory_size < 0 or (args.max_batches is not None and args.max_batches < 1):
         fail("--epochs and --memory-size must be >= 0, --max-batches >= 1")
+    if args.chunk_size < 0:
+        fail(f"--chunk-size {args.chunk_size} must be >= 1 (or 0: no two-pass step)")
     if not 0 <= args.augment <= 2:
         fail(f"--augment {args.augment} must lie in [0, 2]")
     if args.memory_size and any(name.startswith("pml-") for name in args.loss):
@@ -531,6 +580,10 @@ def main(argv=None) -> int:
     check_args(args, len(TRAIN_CLASSES), class_sizes, world_size)
     if "smooth-ap" in args.loss and not hasattr(pnp_kernels, "SmoothAPLoss"):
         raise SystemExit("smooth-ap: this pnp_kernels has no SmoothAPLoss")
+    if "recall-at-k" in args.loss and not hasattr(pnp_kernels, "RecallAtKLoss"):
+        raise SystemExit("recall-at-k: this pnp_kernels has no RecallAtKLoss")
+    if args.chunk_size and not hasattr(pnp_kernels, "two_pass_step"):
+        raise SystemExit("--chunk-size: this pnp_kernels has no two_pass_step")
     if args.memory_size and not hasattr(pnp_kernels, "CrossBatchMemory"):
         raise SystemExit("--memory-size: this pnp_kernels has no CrossBatchMemory")
     env = setup_distributed(args)

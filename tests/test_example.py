@@ -157,12 +157,33 @@ def test_smooth_ap_square_batches_and_memory(tmp_path):
     assert _check_outputs(tmp_path / "m", ["pnp"], 1)[1]["memory_size"] == "60"
 
 
+def test_chunk_size_gives_the_plain_steps_metrics_and_recall_at_k_runs(tmp_path):
+    """--chunk-size 7 (two_pass_step, chunks of 7, 7, ..., 5 on a batch of 40) follows the plain step to
+    float rounding; --loss recall-at-k reports its metrics beside PNP's."""
+    _need_example_extras()
+    losses = ["pnp", "recall-at-k"]
+    assert td.main(["--loss", *losses, "--out", str(tmp_path / "plain"), *TINY]) == 0
+    assert td.main(["--loss", *losses, "--chunk-size", "7", "--out", str(tmp_path / "chunked"), *TINY]) == 0
+    plain = _check_outputs(tmp_path / "plain", losses, 1)
+    chunked = _check_outputs(tmp_path / "chunked", losses, 1)
+    assert {r["chunk_size"] for r in plain} == {"0"} and {r["chunk_size"] for r in chunked} == {"7"}
+    assert plain[2]["options"].startswith("k=1,2,4,8,16 temperature=0.01")
+    for a, b in zip(plain, chunked):
+        for key in ("map_at_r", "recall_at_1", "seen_map_at_r", "seen_recall_at_1"):
+            assert float(a[key]) == pytest.approx(float(b[key]), abs=1e-4), (key, a, b)
+        if a["train_loss"]:
+            assert float(a["train_loss"]) == pytest.approx(float(b["train_loss"]), rel=1e-5)
+    # the two losses train different nets from the same start
+    assert plain[0]["map_at_r"] == plain[2]["map_at_r"] and plain[1]["train_loss"] != plain[3]["train_loss"]
+
+
 def test_bad_options_exit_with_a_message(monkeypatch):
     pytest.importorskip("sklearn")
     for argv, words in (
         (["--loss", "pml-smooth-ap"], "--batch-size 25 --m-per-class 5"),
         (["--batch-size", "60", "--m-per-class", "10"], "6 classes"),
         (["--batch-size", "42", "--m-per-class", "8"], "multiple"),
+        (["--chunk-size", "-1"], "--chunk-size"),
     ):
         with pytest.raises(SystemExit, match=words):
             td.main(argv + ["--out", "unused"])

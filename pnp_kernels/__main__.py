@@ -3,7 +3,9 @@
 Prints one line per backend (available, or the first line of why not and, for the
 C++ extension, the path of its full build log). Then every available backend runs
 the same random batch; its loss and gradient are compared with the float64
-brute-force reference, and its forward+backward is timed.
+brute-force reference, and its forward+backward is timed. ``--loss`` picks PNP,
+Smooth-AP or Recall@k; ``--memory-efficient`` runs the losses on the path that stores
+no Q x M buffer.
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ import argparse
 import resource
 import sys
 import time
+from typing import Optional
 
 import torch
 
-from . import __version__, backend_status, pnp_loss, smooth_ap_loss
-from .reference import pnp_loss_reference, smooth_ap_loss_reference
+from . import __version__, backend_status, pnp_loss, recall_at_k_loss, smooth_ap_loss
+from .reference import pnp_loss_reference, recall_at_k_loss_reference, smooth_ap_loss_reference
 
 
 def _time_ms(fn, device, repeats):
@@ -40,20 +43,32 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=128, help="batch size B (default 128)")
     ap.add_argument("--dim", type=int, default=64, help="embedding dimension D (default 64)")
     ap.add_argument("--per-class", type=int, default=4, help="samples per class (default 4)")
-    ap.add_argument("--loss", choices=("pnp", "smooth-ap"), default="pnp", help="the loss (default pnp)")
+    ap.add_argument("--loss", choices=("pnp", "smooth-ap", "recall-at-k"), default="pnp", help="the loss (default pnp)")
     ap.add_argument("--variant", default="Dq", help="PNP variant (default Dq)")
+    ap.add_argument(
+        "--memory-efficient",
+        action="store_true",
+        help="run the losses with memory_efficient=True (no Q x M buffer; same values)",
+    )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeats", type=int, default=10)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
+    me: Optional[bool] = True if args.memory_efficient else None  # None: the automatic choice
     if args.loss == "pnp":
-        ours = lambda x, y, **k: pnp_loss(x, y, variant=args.variant, **k)  # noqa: E731
+        ours = lambda x, y, **k: pnp_loss(x, y, variant=args.variant, memory_efficient=me, **k)  # noqa: E731
         oracle = lambda x, y: pnp_loss_reference(x, y, variant=args.variant)  # noqa: E731
         what = f"PNP variant {args.variant}"
-    else:
-        ours = lambda x, y, **k: smooth_ap_loss(x, y, **k)  # noqa: E731
+    elif args.loss == "smooth-ap":
+        ours = lambda x, y, **k: smooth_ap_loss(x, y, memory_efficient=me, **k)  # noqa: E731
         oracle = lambda x, y: smooth_ap_loss_reference(x, y)  # noqa: E731
         what = "Smooth-AP"
+    else:
+        ours = lambda x, y, **k: recall_at_k_loss(x, y, memory_efficient=me, **k)  # noqa: E731
+        oracle = lambda x, y: recall_at_k_loss_reference(x, y)  # noqa: E731
+        what = "Recall@k (k = 1, 2, 4, 8, 16)"
+    if args.memory_efficient:
+        what += ", memory-efficient path"
     status = backend_status()
     print(
         f"pnp_kernels {__version__}, torch {torch.__version__}, device {device}"

@@ -75,8 +75,46 @@ def x_minus_log1p(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x < SERIES_MAX, series, x - torch.log1p(x))
 
 
+# f and df of each variant (R, alpha, b) -> tensor: module-level functions, so that a Variant,
+# and every spec and module that holds one, pickles.
+def _o_f(R: torch.Tensor, alpha: float, b: float) -> torch.Tensor:
+    return R
+
+
+def _o_df(R: torch.Tensor, alpha: float, b: float) -> torch.Tensor:
+    return torch.ones_like(R)
+
+
+def _ds_f(R: torch.Tensor, alpha: float, b: float) -> torch.Tensor:
+    return torch.log1p(R)
+
+
+def _ds_df(R: torch.Tensor, alpha: float, b: float) -> torch.Tensor:
+    return 1.0 / (1.0 + R)
+
+
+def _dq_f(R: torch.Tensor, alpha: float, b: float) -> torch.Tensor:
+    return -torch.expm1(-alpha * torch.log1p(R))
+
+
+def _dq_df(R: torch.Tensor, alpha: float, b: float) -> torch.Tensor:
+    return alpha * torch.exp((-alpha - 1.0) * torch.log1p(R))
+
+
+def _iu_f(R: torch.Tensor, alpha: float, b: float) -> torch.Tensor:
+    return (1.0 + R) * torch.log1p(R)
+
+
+def _iu_df(R: torch.Tensor, alpha: float, b: float) -> torch.Tensor:
+    return torch.log1p(R) + 1.0
+
+
 def _ib_f(R: torch.Tensor, alpha: float, b: float) -> torch.Tensor:
     return x_minus_log1p(b * R) / (b * b)
+
+
+def _ib_df(R: torch.Tensor, alpha: float, b: float) -> torch.Tensor:
+    return R / (1.0 + b * R)
 
 
 Formula = Callable[[torch.Tensor, float, float], torch.Tensor]
@@ -93,29 +131,21 @@ class Variant:
     df: Formula
     formula: str
 
+    def __reduce__(self):
+        # a table row pickles (and deep-copies) as its code, and unpickles as the table's own row
+        if _BY_CODE.get(self.code) is self:
+            return (variant_by_code, (self.code,))
+        return (Variant, (self.name, self.code, self.aliases, self.f, self.df, self.formula))
+
 
 VARIANTS: Dict[str, Variant] = {
     v.name: v
     for v in (
-        Variant("O", 0, ("PNP-O",), lambda R, a, b: R, lambda R, a, b: torch.ones_like(R), "R"),
-        Variant("Ds", 1, ("PNP-D_s",), lambda R, a, b: torch.log1p(R), lambda R, a, b: 1.0 / (1.0 + R), "log(1+R)"),
-        Variant(
-            "Dq",
-            2,
-            ("PNP-D_q",),
-            lambda R, a, b: -torch.expm1(-a * torch.log1p(R)),
-            lambda R, a, b: a * torch.exp((-a - 1.0) * torch.log1p(R)),
-            "1 - (1+R)^-alpha (the paper's loss = 1 - mean (1+R)^-alpha)",
-        ),
-        Variant(
-            "Iu",
-            3,
-            ("PNP-I_u",),
-            lambda R, a, b: (1.0 + R) * torch.log1p(R),
-            lambda R, a, b: torch.log1p(R) + 1.0,
-            "(1+R) log(1+R)",
-        ),
-        Variant("Ib", 4, ("PNP-I_b",), _ib_f, lambda R, a, b: R / (1.0 + b * R), "(bR - log(1+bR)) / b^2"),
+        Variant("O", 0, ("PNP-O",), _o_f, _o_df, "R"),
+        Variant("Ds", 1, ("PNP-D_s",), _ds_f, _ds_df, "log(1+R)"),
+        Variant("Dq", 2, ("PNP-D_q",), _dq_f, _dq_df, "1 - (1+R)^-alpha (the paper's loss = 1 - mean (1+R)^-alpha)"),
+        Variant("Iu", 3, ("PNP-I_u",), _iu_f, _iu_df, "(1+R) log(1+R)"),
+        Variant("Ib", 4, ("PNP-I_b",), _ib_f, _ib_df, "(bR - log(1+bR)) / b^2"),
     )
 }
 VARIANT_COUNT = len(VARIANTS)

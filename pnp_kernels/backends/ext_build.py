@@ -16,13 +16,18 @@ The op schemas are documented in ``csrc/pnp_common.h`` and ``csrc/pnp_pipeline.c
 * Build directory: ``$PNP_KERNELS_EXT_DIR``, else ``$TORCH_EXTENSIONS_DIR/pnp_kernels``,
   else ``$XDG_CACHE_HOME/pnp_kernels`` (``~/.cache/pnp_kernels``), with one
   subdirectory per key = hash(sources, flags, torch version, CUDA version, CPU/CUDA),
-  so a rebuild happens only when one of them changes; ninja makes a second
-  process's load a no-op check, and torch's file lock serialises concurrent builds.
+  so a rebuild happens only when one of them changes; a later process loads the
+  finished build directly, and torch's file lock serialises concurrent builds.
   Each build writes its full outcome (flags, and on failure the whole compiler
   output) to ``build.log`` in its directory; reasons keep only the first line.
 * The CUDA kernels are compiled only when ``torch.cuda.is_available()`` and nvcc
   is found (``CUDA_HOME``); if that build fails, a CPU-only build is made and
   :func:`cuda_status` carries the CUDA build's reason.
+* A build prints one line to stderr when it starts and one when it ends (or fails);
+  ``PNP_KERNELS_QUIET=1`` silences them. A finished build of the same key (its log
+  ends in "ok in ...") is loaded directly, silently, without importing
+  ``torch.utils.cpp_extension``; the compiler machinery is imported only to build, with
+  its logger at ERROR level (its import warns about CUDA_HOME on CPU-only machines).
 * ``PNP_KERNELS_NO_EXT=1`` disables the extension; ``PNP_KERNELS_EXT_VERBOSE=1``
   shows the build; ``PNP_KERNELS_EXT_PORTABLE=1`` builds for the x86-64 baseline
   instead of the host CPU.
@@ -34,17 +39,20 @@ rows op against ``pnp_kernels.reference.row_losses_reference`` on every built de
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
 import time
 import traceback
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 
@@ -62,8 +70,8 @@ NAMESPACE = "pnp_kernels_ext"
 OP_NAMES = ("row_losses_and_dS", "symmetrize", "loss_forward", "loss_backward")
 LOG_NAME = "build.log"
 
-_SOURCES = ("pnp_variants.h", "pnp_common.h", "pnp_cpu.cpp", "pnp_pipeline.cpp", "pnp_cuda.cu")
-_REQUIRED = ("pnp_variants.h", "pnp_common.h", "pnp_cpu.cpp", "pnp_pipeline.cpp")
+_SOURCES = ("pnp_variants.h", "pnp_common.h", "pnp_cpu.cpp", "pnp_pipeline.cpp", "pnp_tiled.cpp", "pnp_cuda.cu")
+_REQUIRED = ("pnp_variants.h", "pnp_common.h", "pnp_cpu.cpp", "pnp_pipeline.cpp", "pnp_tiled.cpp")
 # -fno-trapping-math lets GCC if-convert (and so vectorise) the selects of the sigmoid loop.
 _CXX_FLAGS = ["-O3", "-fno-trapping-math"]
 # The library is built on the machine that runs it, so it may use that CPU's vector units
@@ -140,6 +148,41 @@ def _cpu_signature() -> str:
         return platform.processor()
 
 
+@contextlib.contextmanager
+def _compiler_machinery() -> Iterator:
+    """``torch.utils.cpp_extension``, imported (and used) with its logger at ERROR level.
+
+    Importing it logs a warning on a CPU-only machine where a CUDA toolkit directory exists
+    ("No CUDA runtime is found, using CUDA_HOME=..."): nothing a user of the CPU build can act
+    on. The level is restored afterwards; ``PNP_KERNELS_EXT_VERBOSE=1`` leaves it alone.
+    """
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    old = logger.level
+    if not _env_flag("PNP_KERNELS_EXT_VERBOSE"):
+        logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+
+        yield cpp_extension
+    finally:
+        logger.setLevel(old)
+
+
+def _say(line: str) -> None:
+    """One line to stderr about a build, unless ``PNP_KERNELS_QUIET=1``."""
+    if not _env_flag("PNP_KERNELS_QUIET"):
+        print(line, file=sys.stderr, flush=True)
+
+
+def _ninja_available() -> bool:
+    # torch.utils.cpp_extension's check (it runs `ninja --version`), without importing it
+    try:
+        subprocess.run(["ninja", "--version"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    except Exception:
+        return False
+    return True
+
+
 def torch_std_flag() -> str:
     """The ``-std=`` flag torch.utils.cpp_extension compiles extensions with (e.g. ``-std=c++20``).
 
@@ -147,8 +190,11 @@ def torch_std_flag() -> str:
     compiler directly on the same headers (bench/compile_check.py). Asked of torch's own
     ninja-file writer, else read from its source; "-std=c++17" if neither answers.
     """
-    from torch.utils import cpp_extension as ce
+    with _compiler_machinery() as ce:
+        return _torch_std_flag(ce)
 
+
+def _torch_std_flag(ce) -> str:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "build.ninja")
@@ -197,11 +243,7 @@ def _quick_reason(src: Optional[Path]) -> str:
         return "disabled by PNP_KERNELS_NO_EXT"
     if src is None:
         return "extension sources (csrc/) not found next to the package"
-    try:
-        from torch.utils import cpp_extension
-    except Exception as exc:  # pragma: no cover - broken torch install
-        return f"torch.utils.cpp_extension failed to import: {exc!r}"
-    if not cpp_extension.is_ninja_available():
+    if not _ninja_available():
         return "ninja not installed (pip install ninja)"
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx) is None:
@@ -214,8 +256,8 @@ def _cuda_wanted() -> Tuple[bool, str]:
         return False, "no CUDA device"
     if torch.version.cuda is None:
         return False, "torch was built without CUDA"
-    from torch.utils.cpp_extension import CUDA_HOME
-
+    with _compiler_machinery() as ce:
+        CUDA_HOME = ce.CUDA_HOME
     if CUDA_HOME is None or not os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
         return False, "nvcc not found (set CUDA_HOME)"
     return True, ""
@@ -229,10 +271,14 @@ class _BuildError(Exception):
 
 def _build(src: Path, with_cuda: bool) -> dict:
     """JIT-build and load the library. Returns {build_dir, log_path, std, cuda_std};
-    raises _BuildError (first line of the failure, full text in the log file)."""
-    from torch.utils.cpp_extension import load
+    raises _BuildError (first line of the failure, full text in the log file).
 
-    sources = [src / "pnp_cpu.cpp", src / "pnp_pipeline.cpp"] + ([src / "pnp_cuda.cu"] if with_cuda else [])
+    A finished build of the same key is loaded as it is, without the compiler machinery and
+    silently; a build says so on stderr, in one line when it starts and one when it ends.
+    """
+    sources = [src / f for f in ("pnp_cpu.cpp", "pnp_pipeline.cpp", "pnp_tiled.cpp")] + (
+        [src / "pnp_cuda.cu"] if with_cuda else []
+    )
     cflags = _CXX_FLAGS + _openmp_flags() + _native_flags()
     cuda_flags = list(_CUDA_FLAGS) if with_cuda else []
     h = hashlib.sha256()
@@ -265,9 +311,16 @@ def _build(src: Path, with_cuda: bool) -> dict:
     ]
     if with_cuda:
         header.append(f"extra CUDA flags: {' '.join(cuda_flags)}")
+    if _load_cached(build_dir, name, log_path):
+        return _build_result(build_dir, log_path)
+    what, expected = ("C++/CUDA", "a few minutes") if with_cuda else ("C++", "about 30 s")
+    _say(
+        f"pnp_kernels: building the {what} extension for torch {torch.__version__} "
+        f"(first use; {expected}; cached in {build_dir})"
+    )
     t0 = time.perf_counter()
     try:
-        load(
+        _jit_load(
             name=name,
             sources=[str(s) for s in sources],
             extra_cflags=cflags,
@@ -282,19 +335,65 @@ def _build(src: Path, with_cuda: bool) -> dict:
     except Exception as exc:
         text = f"{exc}\n\n{traceback.format_exc()}"
         _write_log(log_path, header + [f"FAILED after {time.perf_counter() - t0:.1f} s", "", text])
+        _say(
+            f"pnp_kernels: the {what} extension build failed after {time.perf_counter() - t0:.0f} s: "
+            f"{_first_line(str(exc))} (full build log: {log_path})"
+        )
         raise _BuildError(_first_line(str(exc)), str(build_dir), str(log_path)) from None
-    ninja = build_dir / "build.ninja"
-    ninja_text = ninja.read_text() if ninja.is_file() else ""
-    std, cuda_std = _std_in(ninja_text, "cflags"), _std_in(ninja_text, "cuda_cflags")
+    result = _build_result(build_dir, log_path)
+    std, cuda_std = result["std"], result["cuda_std"]
     _write_log(
         log_path,
         header
         + [
             f"language standard (from torch): C++ {std or '?'}" + (f", CUDA {cuda_std or '?'}" if with_cuda else ""),
-            f"ok in {time.perf_counter() - t0:.1f} s",
+            f"{_OK_PREFIX}{time.perf_counter() - t0:.1f} s",
         ],
     )
-    return {"build_dir": str(build_dir), "log_path": str(log_path), "std": std, "cuda_std": cuda_std}
+    _say(f"pnp_kernels: built the {what} extension in {time.perf_counter() - t0:.0f} s")
+    return result
+
+
+_OK_PREFIX = "ok in "  # the last line of the build log of a finished build
+
+
+def _jit_load(**kwargs) -> None:
+    """``torch.utils.cpp_extension.load`` (compile with ninja if needed, then load)."""
+    with _compiler_machinery() as ce:
+        ce.load(**kwargs)
+
+
+def _library_path(build_dir: Path, name: str) -> Path:
+    return build_dir / f"{name}{'.pyd' if sys.platform == 'win32' else '.so'}"
+
+
+def _load_cached(build_dir: Path, name: str, log_path: Path) -> bool:
+    """Load the library of a finished build of this key (its log ends in "ok in ..."); False
+    when there is none, or it does not load (then it is built again)."""
+    lib = _library_path(build_dir, name)
+    try:
+        lines = log_path.read_text().splitlines()
+    except OSError:
+        return False
+    if not lib.is_file() or not lines or not lines[-1].startswith(_OK_PREFIX):
+        return False
+    try:
+        torch.ops.load_library(str(lib))
+    except Exception:
+        return False
+    return True
+
+
+def _build_result(build_dir: Path, log_path: Path) -> dict:
+    """{build_dir, log_path, std, cuda_std} of a build directory (the -std flags from its build.ninja)."""
+    ninja = build_dir / "build.ninja"
+    ninja_text = ninja.read_text() if ninja.is_file() else ""
+    return {
+        "build_dir": str(build_dir),
+        "log_path": str(log_path),
+        "std": _std_in(ninja_text, "cflags"),
+        "cuda_std": _std_in(ninja_text, "cuda_cflags"),
+    }
 
 
 def _write_log(path: Path, lines: List[str]) -> None:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional, Sequence, Tuple, Union
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 
 from .autograd import apply_reference, apply_square
 from .backends import BACKEND_NAMES, resolve_backend
+from .backends.base import Backend
 from .spec import REDUCTIONS, SIMILARITIES, LossSpec
 from .variants import LOSS_PNP, LOSS_RECALL_AT_K, LOSS_SMOOTH_AP, VARIANTS, resolve_variant
 
@@ -143,14 +144,15 @@ def recall_at_k_spec(
     )
 
 
-def _check_embeddings(t, name: str) -> None:
+def _check_embeddings(t, name: str, allow_empty: bool = False) -> None:
+    """A 2-D floating point tensor of width > 0 (and, unless ``allow_empty``, at least one row)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if t.dim() != 2:
         raise ValueError(f"{name}: expected a 2-D (batch, dim) tensor, got shape {tuple(t.shape)}")
     if t.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{name}: expected a floating point dtype (float16, bfloat16, float32, float64), got {t.dtype}")
-    if t.shape[0] == 0:
+    if t.shape[0] == 0 and not allow_empty:
         raise ValueError(f"{name}: empty batch (batch size 0)")
     if t.shape[1] == 0:
         raise ValueError(f"{name}: embedding dimension is 0")
@@ -213,19 +215,22 @@ def _check_reference(embeddings: Tensor, ref_emb, ref_labels, query_ref_index) -
     return ref_labels, query_ref_index
 
 
-def compute_loss(
-    embeddings: Tensor,
-    labels: Tensor,
-    ref_emb: Optional[Tensor],
-    ref_labels: Optional[Tensor],
-    query_ref_index: Optional[Tensor],
-    spec: LossSpec,
+def _validate(
+    embeddings,
+    labels,
+    ref_emb,
+    ref_labels,
+    query_ref_index,
+    spec: Union[LossSpec, Callable[[], LossSpec]],
     backend: str,
-    distributed: bool = False,
-    process_group=None,
-) -> Tuple[Tensor, Tensor]:
-    """Validate, then (output, n_valid) of the square, reference-set or distributed loss."""
-    _check_embeddings(embeddings, "embeddings")
+    distributed: bool,
+    allow_empty: bool,
+) -> Tuple[LossSpec, Backend, Tensor, Optional[Tensor], Optional[Tensor]]:
+    """Every check of one call, in the order the single-process call raises them: the checked
+    (spec, backend implementation, labels, ref_labels, query_ref_index)."""
+    if not isinstance(spec, LossSpec):
+        spec = spec()
+    _check_embeddings(embeddings, "embeddings", allow_empty)
     labels = _check_labels(labels, "labels", embeddings.shape[0], "embeddings", embeddings.device)
     if ref_emb is None:
         if ref_labels is not None:
@@ -238,17 +243,60 @@ def compute_loss(
     impl.check_tensor(embeddings, "embeddings")
     if ref_emb is not None:
         impl.check_tensor(ref_emb, "ref_emb")
-    grad = torch.is_grad_enabled()
-    if distributed:
-        from . import distributed as dist_mode
+    if distributed and query_ref_index is not None:
+        raise ValueError(
+            "query_ref_index: not accepted with distributed=True (the gathered global batch heads the "
+            "reference set and each query's own copy is found there); pass only ref_emb/ref_labels"
+        )
+    return spec, impl, labels, ref_labels, query_ref_index
 
-        if query_ref_index is not None:
-            raise ValueError(
-                "query_ref_index: not accepted with distributed=True (the gathered global batch heads the "
-                "reference set and each query's own copy is found there); pass only ref_emb/ref_labels"
+
+def compute_loss(
+    embeddings: Tensor,
+    labels: Tensor,
+    ref_emb: Optional[Tensor],
+    ref_labels: Optional[Tensor],
+    query_ref_index: Optional[Tensor],
+    spec: Union[LossSpec, Callable[[], LossSpec]],
+    backend: str,
+    distributed: bool = False,
+    process_group=None,
+) -> Tuple[Tensor, Tensor]:
+    """Validate, then (output, n_valid) of the square, reference-set or distributed loss.
+
+    ``spec``: the checked options, or a function that checks and returns them (so that in
+    distributed mode a bad option is one more local error). Distributed mode
+    (``distributed`` and a process group of >= 2) checks without raising, then
+    :func:`pnp_kernels.distributed.agree` compares every rank's inputs and raises the same
+    exception on every rank, naming the rank, when one failed or they disagree; there a
+    local batch may be empty. Otherwise each check raises where it fails.
+    """
+    dist_mode = None
+    if distributed:
+        from . import distributed as _dist
+
+        if _dist.world_size(process_group) > 1:
+            dist_mode = _dist
+    if dist_mode is not None:
+        error: Optional[Exception] = None
+        try:
+            checked = _validate(
+                embeddings, labels, ref_emb, ref_labels, query_ref_index, spec, backend, True, allow_empty=True
             )
-        if dist_mode.world_size(process_group) > 1:
-            return dist_mode.distributed_loss(embeddings, labels, ref_emb, ref_labels, spec, impl.name, process_group)
+        except Exception as exc:  # raised by agree() on every rank, so that no rank is left waiting
+            error = exc
+        needs_grad = torch.is_grad_enabled() and isinstance(embeddings, Tensor) and embeddings.requires_grad
+        sizes = dist_mode.agree(
+            embeddings, ref_emb, None if error is not None else checked[0], needs_grad, error, process_group
+        )
+        spec, impl, labels, ref_labels, _ = checked
+        return dist_mode.distributed_loss(
+            embeddings, labels, ref_emb, ref_labels, spec, impl.name, process_group, sizes
+        )
+    spec, impl, labels, ref_labels, query_ref_index = _validate(
+        embeddings, labels, ref_emb, ref_labels, query_ref_index, spec, backend, distributed, allow_empty=False
+    )
+    grad = torch.is_grad_enabled()
     if ref_emb is None or ref_labels is None:
         return apply_square(embeddings, labels, spec, impl.name, grad and embeddings.requires_grad)
     return apply_reference(
@@ -326,8 +374,11 @@ def pnp_loss(
     case: itself included). With R_ij = sum_{k: y_k != y_i} sigmoid((S_ik - S_ij) / anneal),
     the query's loss is mean_{j in P_i} f(R_ij) (1 - mean (1+R)^-alpha for "Dq").
     """
-    check_options(similarity, reduction, backend)
-    spec = pnp_spec(variant, anneal, alpha, b, similarity, reduction, memory_efficient)
+
+    def spec() -> LossSpec:  # called by compute_loss, so that distributed mode raises it on every rank
+        check_options(similarity, reduction, backend)
+        return pnp_spec(variant, anneal, alpha, b, similarity, reduction, memory_efficient)
+
     return compute_loss(
         embeddings, labels, ref_emb, ref_labels, query_ref_index, spec, backend, distributed, process_group
     )[0]
@@ -360,8 +411,11 @@ def smooth_ap_loss(
     reference-set, distributed, memory-efficient and backend rules are the same.
     ``reduction="none"`` gives 1 - AP_q per query, 0 for dropped ones.
     """
-    check_options(similarity, reduction, backend)
-    spec = smooth_ap_spec(temperature, similarity, reduction, memory_efficient)
+
+    def spec() -> LossSpec:  # called by compute_loss, so that distributed mode raises it on every rank
+        check_options(similarity, reduction, backend)
+        return smooth_ap_spec(temperature, similarity, reduction, memory_efficient)
+
     return compute_loss(
         embeddings, labels, ref_emb, ref_labels, query_ref_index, spec, backend, distributed, process_group
     )[0]
@@ -403,8 +457,11 @@ def recall_at_k_loss(
     query is not ranked in its own gallery, any labels work, and no Python loop over
     queries runs.
     """
-    check_options(similarity, reduction, backend)
-    spec = recall_at_k_spec(k, temperature, k_temperature, similarity, reduction, memory_efficient)
+
+    def spec() -> LossSpec:  # called by compute_loss, so that distributed mode raises it on every rank
+        check_options(similarity, reduction, backend)
+        return recall_at_k_spec(k, temperature, k_temperature, similarity, reduction, memory_efficient)
+
     return compute_loss(
         embeddings, labels, ref_emb, ref_labels, query_ref_index, spec, backend, distributed, process_group
     )[0]

@@ -60,9 +60,6 @@ DENSE_MAX_BYTES_ENV = "PNP_KERNELS_DENSE_MAX_BYTES"
 DEFAULT_DENSE_MAX_BYTES = 4 << 30
 
 
-_RESOLVED: dict = {}
-
-
 def dense_max_bytes() -> int:
     """The auto threshold, read from ``PNP_KERNELS_DENSE_MAX_BYTES`` at every call (default 4 GiB)."""
     raw = os.environ.get(DENSE_MAX_BYTES_ENV, "")
@@ -102,12 +99,7 @@ class LossSpec:
         ``PNP_KERNELS_DENSE_MAX_BYTES`` threshold."""
         if self.memory_efficient is not None:
             return self
-        choice = 8 * n_queries * n_ref > dense_max_bytes()
-        key = (self, choice)
-        out = _RESOLVED.get(key)
-        if out is None:  # a dataclass replace costs microseconds: once per (spec, choice)
-            out = _RESOLVED[key] = replace(self, memory_efficient=choice)
-        return out
+        return replace(self, memory_efficient=8 * n_queries * n_ref > dense_max_bytes())
 
     @staticmethod
     def compute_dtype_of(dtype: torch.dtype) -> torch.dtype:

@@ -1,16 +1,27 @@
-"""distributed=True against one process on the concatenated global batch (float64, 1e-10).
+"""distributed=True against one process on the concatenated global batch (float64, 1e-10),
+and what every rank sees when one rank passes something different.
 
 Each world size (2 and 3 processes, gloo on 127.0.0.1) is started once per session
 by torch.multiprocessing (spawn); every rank runs all scenarios of tests/dist_workers.py
 and saves its results. The launch has a timeout that turns a hang into a failure and
 kills every process it started. Checked: the value (every rank returns the global loss)
-and the gradient (rank r's embeddings get W * dL/dx_r), for PNP and Smooth-AP, cosine
-and dot, unequal local sizes, a reference set appended after the gathered batch, a rank
-with no valid query, no valid query anywhere, a DistributedDataParallel step (parameter
-gradients equal one process's), a distributed CrossBatchMemory over steps with
-wraparound, and a negative control (a gallery gathered without autograd must fail).
+and the gradient (rank r's embeddings get W * dL/dx_r), for PNP, Smooth-AP and Recall@k, cosine
+and dot, unequal local sizes, empty local batches (one rank, and two of three), a
+reference set appended after the gathered batch, a rank with no valid query, no valid
+query anywhere, DistributedDataParallel steps (parameter gradients equal one process's,
+also with an empty rank), a distributed CrossBatchMemory over steps with wraparound,
+the gather's reduce-scatter backward (forced on gloo) next to its all-reduce fallback,
+and a negative control (a gallery gathered without autograd must fail).
+
+Bad input: in each case one rank passes something different (width, dtype, float
+labels, labels of another length, an unknown variant, another anneal / temperature /
+reduction / loss / memory_efficient, a reference set on one rank only, ...). Every rank
+must raise the same exception, of the single-process check's type, naming the rank,
+within 10 s; the workers then go on (the group still works), exit with 0, and no
+output holds an abort's "terminate called".
 """
 
+import math
 import os
 import socket
 
@@ -32,6 +43,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _logs(world: int, out_dir: str) -> str:
+    out = []
+    for r in range(world):
+        path = os.path.join(out_dir, f"rank{r}.log")
+        text = open(path).read() if os.path.exists(path) else "(no log)"
+        out.append(f"--- rank {r}\n{text[-4000:]}")
+    return "\n".join(out)
+
+
 def _launch(world: int, out_dir: str):
     ctx = mp.get_context("spawn")
     port = _free_port()
@@ -42,14 +62,16 @@ def _launch(world: int, out_dir: str):
         for p in procs:
             p.join(TIMEOUT_S)
         hung = [p.pid for p in procs if p.is_alive()]
-        assert not hung, f"distributed workers {hung} still running after {TIMEOUT_S} s (hang)"
+        assert not hung, f"distributed workers {hung} still running after {TIMEOUT_S} s (hang)\n{_logs(world, out_dir)}"
         codes = [p.exitcode for p in procs]
-        assert codes == [0] * world, f"worker exit codes {codes}"
+        assert codes == [0] * world, f"worker exit codes {codes}\n{_logs(world, out_dir)}"
     finally:
         for p in procs:  # never leave a process behind
             if p.is_alive():
                 p.kill()
                 p.join(10)
+    logs = _logs(world, out_dir)
+    assert "terminate called" not in logs, logs
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
 
 
@@ -82,15 +104,17 @@ def _single(sc):
     return float(loss.detach()), x.grad
 
 
-def _check(world_size, results, key, sc):
+def _check(world_size, results, key, sc, part="scenarios"):
     L, G = _single(sc)
     sizes = sc[1]
     for r, res in enumerate(results):
-        value, grad = res["scenarios"][key] if key in res["scenarios"] else res[key]
+        value, grad = res[part][key]
         assert abs(value - L) <= TOL * max(1.0, abs(L)), (key, r, value, L)
         want = world_size * G[W_.slice_of(sizes, r)]
-        err = (grad - want).abs().max().item()
-        assert err <= TOL * max(1.0, want.abs().max().item()), (key, r, err)
+        assert grad.shape == want.shape, (key, r, grad.shape)  # (0, D) on an empty rank
+        if want.numel():
+            err = (grad - want).abs().max().item()
+            assert err <= TOL * max(1.0, want.abs().max().item()), (key, r, err)
     return L, G
 
 
@@ -121,9 +145,11 @@ def test_gallery_gathered_without_autograd_fails_the_gradient_check(world):
     assert worst > 1e-3, "a gallery without gradient must not pass the gradient check"
 
 
-def test_ddp_step_parameter_gradients_equal_one_process(world):
+@pytest.mark.parametrize("part", ["ddp", "ddp_empty"])
+def test_ddp_step_parameter_gradients_equal_one_process(world, part):
+    """A DDP step; "ddp_empty": one rank's local batch is empty (an uneven last batch)."""
     w, results = world
-    sizes = W_.sizes_for(w)
+    sizes = W_.sizes_for(w) if part == "ddp" else W_.empty_sizes(w, "one")
     gen = torch.Generator().manual_seed(77)
     X = torch.randn(sum(sizes), 5, generator=gen, dtype=torch.float64)
     y = torch.randint(0, 3, (sum(sizes),), generator=gen)
@@ -132,7 +158,7 @@ def test_ddp_step_parameter_gradients_equal_one_process(world):
     loss = pnp_kernels.PNPLoss(variant="Dq", alpha=2.0, anneal=0.05, backend="torch")(model(X), y)
     loss.backward()
     for res in results:
-        value, grads = res["ddp"]
+        value, grads = res[part]
         assert abs(value - loss.item()) <= TOL
         for g, p in zip(grads, model.parameters()):
             assert (g - p.grad).abs().max().item() <= TOL * max(1.0, p.grad.abs().max().item())
@@ -158,3 +184,118 @@ def test_distributed_cross_batch_memory(world):
         state = res["memory"][1]
         for k, v in xbm.state_dict().items():
             assert torch.equal(state[k], v), k
+
+
+@pytest.mark.parametrize("name", W_.REDUCE_SCATTER_SCENARIOS)
+def test_reduce_scatter_backward_equals_one_process(world, name):
+    """The gather's reduce-scatter backward (NCCL's path), forced on gloo: same value and gradients."""
+    w, results = world
+    sc = {s[0]: s for s in W_.scenarios(w)}[name]
+    _check(w, results, name, sc, part="reduce_scatter")
+
+
+def test_gloo_takes_the_all_reduce_fallback(world):
+    """On gloo the backward all-reduces (no reduce-scatter); the forced runs did reduce-scatter."""
+    _, results = world
+    for res in results:
+        assert res["plain_reduce_scatters"] == 0
+        assert res["forced_reduce_scatters"] >= len(W_.REDUCE_SCATTER_SCENARIOS)
+
+
+def _single_process_message(case, w):
+    """(type name, message) of rank ODD's call in one process (not distributed)."""
+    with pytest.raises((TypeError, ValueError)) as info:
+        W_.bad_call(case, W_.ODD, w)()
+    return info.type.__name__, str(info.value)
+
+
+def _with_rank(message, rank_text):
+    arg, rest = message.split(": ", 1)
+    return f"{arg} ({rank_text}): {rest}"
+
+
+LOCAL_ERRORS = (
+    "float_labels",
+    "labels_length",
+    "unknown_variant",
+    "unknown_reduction",
+    "embeddings_not_a_tensor",
+    "query_ref_index",
+)
+
+
+def _expected(case, w):
+    """(exception type name, exact message) every rank must raise in ``case``."""
+    others = "rank 0" if w == 2 else "ranks 0, 2"
+    if case in LOCAL_ERRORS:
+        kind, message = _single_process_message(case, w)
+        return kind, _with_rank(message, "rank 1")
+    options = "loss options differ between ranks: "
+    if case == "float_labels_on_all_but_rank_0":
+        kind, message = _single_process_message("float_labels", w)
+        return kind, _with_rank(message, "rank 1" if w == 2 else "ranks 1, 2")
+    if case == "different_errors":
+        kind, message = _single_process_message("float_labels", w)
+        expected = _with_rank(message, "rank 1")
+        if w == 3:
+            expected += (
+                " (also failed: rank 2: ValueError: labels: length 5 does not match the batch size of embeddings (6))"
+            )
+        return kind, expected
+    return {
+        "width": ("ValueError", f"embeddings: width differs between ranks: 6 on {others}; 12 on rank 1"),
+        "dtype": (
+            "ValueError",
+            f"embeddings: dtype differs between ranks: torch.float64 on {others}; torch.float32 on rank 1",
+        ),
+        "anneal": ("ValueError", options + f"anneal 0.01 on {others}; 0.02 on rank 1"),
+        "temperature": ("ValueError", options + f"temperature 0.05 on {others}; 0.1 on rank 1"),
+        "reduction": ("ValueError", options + f"reduction mean on {others}; none on rank 1"),
+        "loss_kind": ("ValueError", options + f"loss pnp on {others}; smooth_ap on rank 1"),
+        "memory_efficient": ("ValueError", options + f"memory_efficient auto on {others}; True on rank 1"),
+        "ref_emb_one_rank": (
+            "ValueError",
+            f"ref_emb: given on rank 1 but not on {others}; every rank passes a reference set or none does",
+        ),
+        "requires_grad": (
+            "ValueError",
+            f"embeddings: need a gradient on {others} but not on rank 1 (requires_grad and grad mode); the "
+            "gather's backward is a collective that every rank must run, so either every rank's embeddings "
+            "need a gradient or none do",
+        ),
+        "empty_on_every_rank": ("ValueError", "embeddings: empty batch on every rank (global batch size 0)"),
+    }[case]
+
+
+@pytest.mark.parametrize("case", [c for c in W_.BAD_CASES if c != "nan"])
+def test_bad_input_raises_the_same_error_on_every_rank(world, case):
+    w, results = world
+    kind, message = _expected(case, w)
+    for r, res in enumerate(results):
+        got_kind, got_message, seconds, _ = res["bad"][case]
+        assert (got_kind, got_message) == (kind, message), (r, got_kind, got_message)
+        assert seconds < 10.0, (case, r, seconds)
+
+
+def test_nan_in_one_rank_is_not_an_error(world):
+    """NaN in one rank's embeddings: a NaN loss and NaN gradients on every rank, as in one process."""
+    _, results = world
+    for res in results:
+        kind, value, seconds, grad_nan = res["bad"]["nan"]
+        assert kind is None and math.isnan(value) and grad_nan and seconds < 10.0
+
+
+def test_the_group_still_works_after_the_errors(world):
+    """After every bad-input case, a valid call (and its backward) still equals one process."""
+    w, results = world
+    sc = W_.scenarios(w)[0]
+    for res in results:
+        res["scenarios"]["after_bad"] = res["after_bad"]
+    _check(w, results, "after_bad", sc)
+
+
+def test_empty_batch_outside_distributed_mode_is_an_error():
+    """Without a process group of >= 2, distributed=True is the plain loss: an empty batch is refused."""
+    assert not torch.distributed.is_initialized()
+    with pytest.raises(ValueError, match="embeddings: empty batch"):
+        pnp_kernels.pnp_loss(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), distributed=True)

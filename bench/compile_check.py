@@ -5,6 +5,8 @@
 Triton ships ptxas, so on a CPU-only machine this lowers each kernel of
 pnp_kernels/backends/triton_kernels.py (both loss kinds, every PNP variant, with and
 without gradient, cosine and dot, each reduction mode, with and without a permutation)
+and of the memory-efficient kernels of pnp_kernels/backends/triton_tiled.py (every loss
+kind, float32 / float16 / bfloat16 rows)
 to PTX and a cubin for the given compute capabilities, and prints registers, spills
 and shared memory per kernel (from cuobjdump's resource usage when available). It
 proves the kernels compile for that GPU, not that they run right there:
@@ -34,17 +36,21 @@ def _specializations(tb):
     """(name, kernel, signature, constexprs[, options]) for every launch configuration the package uses."""
     out = []
     i32, f32 = "i32", "fp32"
-    from pnp_kernels.variants import LOSS_PNP, LOSS_SMOOTH_AP, VARIANTS
+    from pnp_kernels.variants import LOSS_PNP, LOSS_RECALL_AT_K, LOSS_SMOOTH_AP, VARIANTS
 
-    rows = [(LOSS_PNP, v.code, f"pnp,variant={v.name}") for v in VARIANTS.values()]
-    rows.append((LOSS_SMOOTH_AP, 0, "smooth_ap"))
-    for kind, variant, label in rows:
+    # (kind, variant, label, NUM_K, K_BLOCK): Recall@k with the default k = (1, 2, 4, 8, 16)
+    rows = [(LOSS_PNP, v.code, f"pnp,variant={v.name}", 1, 1) for v in VARIANTS.values()]
+    rows.append((LOSS_SMOOTH_AP, 0, "smooth_ap", 1, 1))
+    rows.append((LOSS_RECALL_AT_K, 0, "recall_at_k,|K|=5", 5, 8))
+    for kind, variant, label, num_k, k_block in rows:
         for grad in (False, True):
             sig = {
                 "S_ptr": "*fp32",
                 "stride_s": i32,
                 "lo_ptr": "*i32",
                 "hi_ptr": "*i32",
+                "own_ptr": "*i32",
+                "kp_ptr": "*fp32",
                 "loss_ptr": "*fp32",
                 "G_ptr": "*fp32",
                 "stride_g": i32,
@@ -58,6 +64,8 @@ def _specializations(tb):
                 "COMPUTE_GRAD": "constexpr",
                 "TILE": "constexpr",
                 "BLOCK_S": "constexpr",
+                "NUM_K": "constexpr",
+                "K_BLOCK": "constexpr",
             }
             out.append(
                 (
@@ -70,6 +78,8 @@ def _specializations(tb):
                         "COMPUTE_GRAD": grad,
                         "TILE": tb._tile(),
                         "BLOCK_S": tb.SEGMENT_BLOCK,
+                        "NUM_K": num_k,
+                        "K_BLOCK": k_block,
                     },
                 )
             )
@@ -206,6 +216,71 @@ def _specializations(tb):
                     {"MEAN": mean, "HAS_PERM": has_perm, "BLOCK": 1024},
                 )
             )
+    return out
+
+
+def _tiled_specializations():
+    """The memory-efficient kernels of pnp_kernels/backends/triton_tiled.py with their GPU tile
+    shapes: the forward for every loss kind and PNP variant (with and without gradient) on
+    float32 rows, and for PNP Dq, Smooth-AP and Recall@k on float16 / bfloat16 rows (cosine:
+    inverse norms); both backward sweeps for those three on all three row dtypes."""
+    from pnp_kernels.backends import triton_tiled as tt
+    from pnp_kernels.variants import LOSS_PNP, LOSS_RECALL_AT_K, LOSS_SMOOTH_AP, VARIANTS
+
+    cfg = tt._GPU_CONFIG
+    i32, f32 = "i32", "fp32"
+    opts = {"num_warps": cfg.num_warps, "num_stages": cfg.stages}
+    kinds = [(LOSS_PNP, v.code, f"pnp,variant={v.name}", 1, 1) for v in VARIANTS.values()]
+    kinds += [(LOSS_SMOOTH_AP, 0, "smooth_ap", 1, 1), (LOSS_RECALL_AT_K, 0, "recall_at_k,|K|=5", 5, 8)]
+    # (row dtype, HAS_NORM, (S_PREC, G_SPLIT, G_PREC)) as triton_tiled._precisions picks them
+    # (float32 with TF32 off; half rows under cosine)
+    dtypes = [
+        ("fp32", False, (tt.FLOAT32_DOT, 0, "tf32x3")),
+        ("fp16", True, ("tf32", 0, "tf32x3")),
+        ("bf16", True, ("tf32", 3, "tf32x3")),
+    ]
+    out = []
+    for kind, variant, label, num_k, k_block in kinds:
+        main_kind = kind != LOSS_PNP or variant == VARIANTS["Dq"].code
+        for xdt, has_norm, (s_prec, g_split, g_prec) in dtypes:
+            if xdt != "fp32" and not main_kind:
+                continue
+            for grad in (False, True):
+                sig = {
+                    **{n: f"*{xdt}" for n in ("xq_ptr", "xr_ptr")},
+                    **{n: "*fp32" for n in ("iq_ptr", "ir_ptr")},
+                    **{n: "*i32" for n in ("lo_ptr", "hi_ptr", "own_ptr")},
+                    **{n: "*fp32" for n in ("kp_ptr", "loss_ptr", "st_ptr")},
+                    **{n: i32 for n in ("Q", "M", "D", "stride_q", "stride_r", "n_lanes")},
+                    **{n: f32 for n in ("zscale", "inv_tau", "alpha", "beta")},
+                }
+                consts = dict(LOSS=kind, VARIANT=variant, COMPUTE_GRAD=grad, HAS_NORM=has_norm, S_PREC=s_prec)
+                consts.update(NUM_K=num_k, K_BLOCK=k_block, BLOCK_M=cfg.fwd_mn[0], BLOCK_N=cfg.fwd_mn[1])
+                consts.update(BLOCK_D=cfg.block_d, BLOCK_P=cfg.block_p)
+                sig.update({k: "constexpr" for k in consts})
+                name = f"_tiled_fwd_kernel[{label},{xdt},grad={grad}]"
+                out.append((name, tt._tiled_fwd_kernel, sig, consts, opts))
+            if not main_kind:
+                continue
+            for which, kernel, (bm, bn) in (
+                ("rows", tt._tiled_bwd_rows_kernel, cfg.rows_mn),
+                ("cols", tt._tiled_bwd_cols_kernel, cfg.cols_mn),
+            ):
+                sig = {
+                    **{n: f"*{xdt}" for n in ("xq_ptr", "xr_ptr")},
+                    **{n: "*fp32" for n in ("iq_ptr", "ir_ptr")},
+                    **{n: "*i32" for n in ("lo_ptr", "hi_ptr", "own_ptr")},
+                    **{n: "*fp32" for n in ("st_ptr", "g_ptr")},
+                    **({"live_ptr": "*i8"} if which == "cols" else {}),
+                    ("dxq_ptr" if which == "rows" else "dxr_ptr"): "*fp32",
+                    **{n: i32 for n in ("Q", "M", "D", "stride_q", "stride_r", "stride_o", "n_lanes")},
+                    **{n: f32 for n in ("zscale", "inv_tau")},
+                }
+                consts = dict(LOSS=kind, HAS_NORM=has_norm, **({"HAS_LIVE": False} if which == "cols" else {}))
+                consts.update(S_PREC=s_prec, G_SPLIT=g_split, G_PREC=g_prec, BLOCK_M=bm, BLOCK_N=bn)
+                consts.update(BLOCK_D=cfg.block_d, BLOCK_P=cfg.block_p, BLOCK_DO=cfg.block_do)
+                sig.update({k: "constexpr" for k in consts})
+                out.append((f"_tiled_bwd_{which}_kernel[{label},{xdt}]", kernel, sig, consts, opts))
     return out
 
 
@@ -346,7 +421,7 @@ def main(argv=None) -> int:
     failures = 0
     for arch in archs:
         target = GPUTarget("cuda", arch, 32)
-        for name, kernel, sig, consts, *opts in _specializations(tb):
+        for name, kernel, sig, consts, *opts in _specializations(tb) + _tiled_specializations():
             t0 = time.time()
             try:
                 compiled = triton.compile(

@@ -261,8 +261,13 @@ def compute_loss(
     backend: str,
     distributed: bool = False,
     process_group=None,
+    live_ref_rows: Optional[int] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Validate, then (output, n_valid) of the square, reference-set or distributed loss.
+
+    ``live_ref_rows``: only the first that many rows of ``ref_emb`` need a gradient (the rest
+    are detached, as a memory bank behind the live batch): the backward computes the
+    reference gradient for those rows only. None: every row, as autograd asks.
 
     ``spec``: the checked options, or a function that checks and returns them (so that in
     distributed mode a bad option is one more local error). Distributed mode
@@ -299,6 +304,11 @@ def compute_loss(
     grad = torch.is_grad_enabled()
     if ref_emb is None or ref_labels is None:
         return apply_square(embeddings, labels, spec, impl.name, grad and embeddings.requires_grad)
+    r_live = -1
+    if live_ref_rows is not None:
+        if isinstance(live_ref_rows, bool) or not isinstance(live_ref_rows, int) or not 0 <= live_ref_rows:
+            raise ValueError(f"live_ref_rows: expected an int >= 0, got {live_ref_rows!r}")
+        r_live = min(live_ref_rows, ref_emb.shape[0])
     return apply_reference(
         embeddings,
         labels,
@@ -308,7 +318,8 @@ def compute_loss(
         spec,
         impl.name,
         grad and embeddings.requires_grad,
-        grad and ref_emb.requires_grad,
+        grad and ref_emb.requires_grad and r_live != 0,
+        r_live,
     )
 
 

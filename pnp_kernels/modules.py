@@ -60,6 +60,7 @@ class _RankingLoss(nn.Module):
         ref_labels: Optional[Tensor] = None,
         *,
         query_ref_index: Optional[Tensor] = None,
+        live_ref_rows: Optional[int] = None,
     ) -> Tensor:
         """The loss of ``embeddings`` ranked against the batch itself, or against ``ref_emb``.
 
@@ -67,7 +68,9 @@ class _RankingLoss(nn.Module):
         (a miner's output) must be None. Passing the batch itself as the reference set
         (``ref_emb is embeddings and ref_labels is labels``, the same tensor objects, as
         pytorch-metric-learning's tests do) is the plain batch loss. ``query_ref_index``:
-        see :func:`pnp_kernels.pnp_loss`.
+        see :func:`pnp_kernels.pnp_loss`. ``live_ref_rows``: only the first that many rows of
+        ``ref_emb`` need a gradient (the rest are detached, as a memory bank behind the live
+        batch), so the reference gradient is computed for those rows only.
         """
         labels = _check_pml_arguments(labels, indices_tuple)
         if ref_emb is not None and ref_emb is embeddings and ref_labels is labels and query_ref_index is None:
@@ -82,6 +85,7 @@ class _RankingLoss(nn.Module):
             self.backend,
             self.distributed,
             self.process_group,
+            live_ref_rows,
         )[0]
 
     def _common_repr(self) -> str:
@@ -332,7 +336,10 @@ class CrossBatchMemory(nn.Module):
             ref = torch.cat([embeddings, mem])
             ref_labels = torch.cat([labels.to(torch.int64), mem_labels])
             index = torch.arange(embeddings.shape[0], device=embeddings.device)
-            out = self.loss(embeddings, labels, ref_emb=ref, ref_labels=ref_labels, query_ref_index=index)
+            kw = {}
+            if isinstance(self.loss, _RankingLoss):  # the memory is detached: no gradient computed for it
+                kw["live_ref_rows"] = embeddings.shape[0]
+            out = self.loss(embeddings, labels, ref_emb=ref, ref_labels=ref_labels, query_ref_index=index, **kw)
             new_emb, new_labels = embeddings.detach(), labels.to(torch.int64)
         self._enqueue(new_emb, new_labels)
         return out

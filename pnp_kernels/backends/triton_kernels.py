@@ -26,6 +26,18 @@ positives accumulate dS over chunks, again by read-modify-write of their own row
 atomics: deterministic). ``tl.debug_barrier`` separates each store of a row from the
 next load of it, as threads of one program own different elements in each layout.
 
+Recall@k (``_recall_row``) ranks every column but the row's own one (``own_ptr``, -1:
+none), negatives and positives alike, and its lane at the own column is inactive:
+pass 1 gives r_t = 1 + sum_{k ranked, k != j_t} sigma(z_tk) in one sweep; the per-row
+math (``_recall_row_terms`` and its three steps ``_recall_k_sums``,
+``_recall_k_weights``, ``_recall_lane_coefs``, shared with the memory-efficient kernels)
+turns the r_t into the loss and c_t = d loss / d r_t; pass 2 puts W_tk = c_t sigma'_tk /
+tau on every ranked column k != j_t and subtracts the row sums at the lanes. The k values
+and tau2_k come as a small cached device tensor (``recall_k_params``) with their count as
+a compile-time constant. The c_t need the sums s_k over ALL lanes, so a row of more than
+16 positives is swept twice (the chunks' s_k, then per chunk r_t again, c_t and dS): no
+scratch buffer and no host sync.
+
 Sigmoids are evaluated as 1 / (1 + 2^z) with z = (S_pj - S_pk) log2(e)/tau (clamped
 at 100 in pass 2): no NaN, and sigma' = 2^z sigma^2 stays exact in both tails. The
 PNP variants' f use series below SERIES_MAX where log1p / expm1 would cancel.
@@ -44,14 +56,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+from typing import Dict, Optional, Tuple
 
 import torch
 
-from ..spec import HALF_MAX, NORM_EPS
+from ..spec import HALF_MAX, NORM_EPS, LossSpec
 from ..variants import (
     EXPM1_SERIES_TERMS,
     LOG1P_SERIES_TERMS,
     LOSS_PNP,
+    LOSS_RECALL_AT_K,
     LOSS_SMOOTH_AP,
     SERIES_MAX,
     VARIANTS,
@@ -74,6 +88,7 @@ __all__ = [
     "interpreter_active",
     "is_available",
     "prepare",
+    "recall_k_params",
     "reduce",
     "row_losses_and_dS",
     "symmetric_grad",
@@ -124,6 +139,8 @@ if triton is not None:
     # The table's codes and series constants, as compile-time globals of the kernels.
     _LOSS_PNP = tl.constexpr(LOSS_PNP)
     _LOSS_SMOOTH_AP = tl.constexpr(LOSS_SMOOTH_AP)
+    _LOSS_RECALL_AT_K = tl.constexpr(LOSS_RECALL_AT_K)
+    _LOG2E_C = tl.constexpr(_LOG2E)
     _V_O = tl.constexpr(VARIANTS["O"].code)
     _V_DS = tl.constexpr(VARIANTS["Ds"].code)
     _V_DQ = tl.constexpr(VARIANTS["Dq"].code)
@@ -186,6 +203,77 @@ if triton is not None:
         return f, df
 
     @triton.jit
+    def _smooth_ap_terms(R, pos, lane, inv_cnt):
+        """Smooth-AP's lane terms from neg_j = R and pos_j = 1 + sum over the other positives, with
+        all_j = pos_j + R: (R / all_j, a_j = pos_j / (n all_j^2), b_j = R / (n all_j^2)), 0 off the
+        active lanes; the loss is the sum of the first over the lanes times inv_cnt = 1/n, b_j the
+        (subtracted) weight of the other positives. Elementwise: any shape (a row's lanes, or rows x lanes)."""
+        all_ = pos + R
+        w = inv_cnt / (all_ * all_)
+        return tl.where(lane, R / all_, 0.0), tl.where(lane, pos * w, 0.0), tl.where(lane, R * w, 0.0)
+
+    # ---- Recall@k's per-row math, shared by the dense row kernel and the memory-efficient kernels ----
+    # A row's k values and temperatures tau2_k come as the (2, NUM_K) float32 tensor of
+    # ``recall_k_params`` (row 0: k, row 1: tau2_k), loaded into K_BLOCK (>= NUM_K, a power of
+    # two) lanes; kmask marks the real ones. r (BLOCK_P,) are the lanes' soft ranks
+    # r_t = 1 + sum_{ranked k != j_t} sigma((S_pk - S_pj_t) / tau1), lane (BLOCK_P,) the active lanes.
+
+    @triton.jit
+    def _recall_k_params(kp_ptr, NUM_K: tl.constexpr, K_BLOCK: tl.constexpr):
+        """(k, tau2, kmask), each (K_BLOCK,): Recall@k's k values and temperatures, padded lanes masked."""
+        offs = tl.arange(0, K_BLOCK)
+        kmask = offs < NUM_K
+        k = tl.load(kp_ptr + offs, mask=kmask, other=1.0)
+        t2 = tl.load(kp_ptr + NUM_K + offs, mask=kmask, other=1.0)
+        return k, t2, kmask
+
+    @triton.jit
+    def _recall_k_sums(r, lane, k, t2):
+        """(K_BLOCK,) partial s_k = sum over the active lanes t of sigma((k - r_t) / tau2_k).
+
+        Additive over lanes: a row split into chunks of lanes sums the chunks' results."""
+        sig = 1.0 / (1.0 + tl.exp2((r[:, None] - k[None, :]) * (_LOG2E_C / t2[None, :])))
+        return tl.sum(tl.where(lane[:, None], sig, 0.0), axis=0)
+
+    @triton.jit
+    def _recall_k_weights(s, n, k, t2, kmask, NUM_K: tl.constexpr):
+        """Row loss and per-k weights from the complete sums s_k of a row with n >= 1 active lanes:
+
+        loss = 1 - (1/|K|) sum_k min(s_k, k) / min(k, n),  w_k = [s_k < k] / (|K| tau2_k min(k, n))
+        so that d loss / d r_t = sum_k w_k sigma'((k - r_t) / tau2_k) (d s_k / d r_t = -sigma' / tau2_k)."""
+        norm = tl.maximum(tl.minimum(k, n), 1.0)
+        # min keeping NaN (NaN in, NaN out; the default min returns the other operand)
+        total = tl.sum(tl.where(kmask, tl.minimum(s, k, propagate_nan=tl.PropagateNan.ALL) / norm, 0.0), axis=0)
+        loss = 1.0 - total * (1.0 / NUM_K)
+        w = tl.where(kmask & (s < k), (1.0 / NUM_K) / (t2 * norm), 0.0)
+        return loss, w
+
+    @triton.jit
+    def _recall_lane_coefs(r, lane, w, k, t2):
+        """(BLOCK_P,) c_t = sum_k w_k sigma'((k - r_t) / tau2_k) on the active lanes, 0 elsewhere.
+
+        sigma'(u) = e sigma(u)^2 with e = e^-u (exponent clamped at 2^100): exact in both tails."""
+        z = tl.minimum((r[:, None] - k[None, :]) * (_LOG2E_C / t2[None, :]), 100.0)
+        e = tl.exp2(z)
+        sig = 1.0 / (1.0 + e)
+        c = tl.sum(w[None, :] * (e * sig * sig), axis=1)
+        return tl.where(lane, c, 0.0)
+
+    @triton.jit
+    def _recall_row_terms(r, lane, n, k, t2, kmask, NUM_K: tl.constexpr, COMPUTE_GRAD: tl.constexpr):
+        """(row loss, c (BLOCK_P,)) of a row whose active lanes all lie in this one block of lanes;
+        c = d loss / d r_t (0 without gradient). A row split into chunks uses the three steps
+        apart: sum ``_recall_k_sums`` over the chunks, then ``_recall_k_weights``, then per chunk
+        ``_recall_lane_coefs``."""
+        s = _recall_k_sums(r, lane, k, t2)
+        loss, w = _recall_k_weights(s, n, k, t2, kmask, NUM_K)
+        if COMPUTE_GRAD:
+            c = _recall_lane_coefs(r, lane, w, k, t2)
+        else:
+            c = tl.zeros_like(r)
+        return loss, c
+
+    @triton.jit
     def _row_chunk(
         s_row,
         g_row,
@@ -235,11 +323,9 @@ if triton is not None:
                 sig = 1.0 / (1.0 + tl.exp2((s_j[:, None] - s_k[None, :]) * scale))
                 P2 += tl.where(other, sig, 0.0)
             pos = 1.0 + tl.sum(P2, axis=1)
-            all_ = pos + R
-            loss = tl.sum(tl.where(pmask, R / all_, 0.0), axis=0)
-            w = inv_cnt / (all_ * all_)
-            coef = tl.where(pmask, pos * w, 0.0)  # a_j: weight of the negatives
-            coef_pos = tl.where(pmask, R * w, 0.0)  # b_j: weight of the other positives (subtracted)
+            # a_j (coef): weight of the negatives; b_j (coef_pos): of the other positives (subtracted)
+            ratio, coef, coef_pos = _smooth_ap_terms(R, pos, pmask, inv_cnt)
+            loss = tl.sum(ratio, axis=0)
         else:
             tl.static_assert(LOSS == _LOSS_PNP)
             f, df = _variant_f_df(R, alpha, b, VARIANT)
@@ -291,11 +377,270 @@ if triton is not None:
         return loss
 
     @triton.jit
+    def _recall_ranks(s_row, s_j, offs_p, own, n_cols, scale, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Recall@k pass 1 of lanes offs_p: r_t = 1 + sum over the ranked columns k != j_t (every
+        column but the own one, negatives and positives alike) of sigmoid((S_pk - S_pj) / tau)."""
+        offs_k0 = tl.arange(0, BLOCK_K)
+        R2 = tl.zeros([BLOCK_P, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, n_cols, BLOCK_K):
+            offs_k = k0 + offs_k0
+            kmask = offs_k < n_cols
+            ranked = (kmask & (offs_k != own))[None, :] & (offs_k[None, :] != offs_p[:, None])
+            s_k = tl.load(s_row + offs_k, mask=kmask, other=0.0)
+            sig = 1.0 / (1.0 + tl.exp2((s_j[:, None] - s_k[None, :]) * scale))
+            R2 += tl.where(ranked, sig, 0.0)
+        return 1.0 + tl.sum(R2, axis=1)
+
+    @triton.jit
+    def _recall_grad(
+        s_row,
+        g_row,
+        s_j,
+        offs_p,
+        pmask,
+        c,
+        own,
+        n_cols,
+        scale,
+        inv_tau,
+        ACCUMULATE: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        """Recall@k pass 2 of lanes offs_p with coefficients c (0 on inactive lanes): W_tk =
+        c_t sigma'_tk / tau on every ranked column k != j_t; dS_k += sum_t W_tk, then
+        dS_j_t -= sum_k W_tk. Written (or, ACCUMULATE, added) into the program's own row."""
+        offs_k0 = tl.arange(0, BLOCK_K)
+        T2 = tl.zeros([BLOCK_P, BLOCK_K], dtype=tl.float32)
+        if ACCUMULATE:
+            tl.debug_barrier()  # earlier chunks' stores to this row land before we read them
+        for k0 in range(0, n_cols, BLOCK_K):
+            offs_k = k0 + offs_k0
+            kmask = offs_k < n_cols
+            ranked = (kmask & (offs_k != own))[None, :] & (offs_k[None, :] != offs_p[:, None])
+            s_k = tl.load(s_row + offs_k, mask=kmask, other=0.0)
+            z = tl.minimum((s_j[:, None] - s_k[None, :]) * scale, 100.0)
+            e = tl.exp2(z)
+            sig = 1.0 / (1.0 + e)
+            sp = tl.where(ranked, e * sig * sig, 0.0)
+            T2 += sp
+            g_k = tl.sum(c[:, None] * sp, axis=0) * inv_tau  # 0 at the own column
+            if ACCUMULATE:
+                g_k += tl.load(g_row + offs_k, mask=kmask, other=0.0)
+            tl.store(g_row + offs_k, g_k, mask=kmask)
+        row_sum = c * tl.sum(T2, axis=1) * inv_tau
+        tl.debug_barrier()  # the column sums just stored land before the lanes' columns are read
+        g_j = tl.load(g_row + offs_p, mask=pmask, other=0.0)
+        tl.store(g_row + offs_p, g_j - row_sum, mask=pmask)
+
+    @triton.jit
+    def _recall_row_single(
+        s_row,
+        g_row,
+        lo,
+        hi,
+        own,
+        kp_ptr,
+        n_cols,
+        scale,
+        inv_tau,
+        NUM_K: tl.constexpr,
+        K_BLOCK: tl.constexpr,
+        COMPUTE_GRAD: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        """A Recall@k row whose lanes fit one block of BLOCK_P: both passes, r_t kept in registers."""
+        offs_p = lo + tl.arange(0, BLOCK_P)
+        pmask = offs_p < hi
+        lane = pmask & (offs_p != own)
+        s_j = tl.load(s_row + offs_p, mask=pmask, other=0.0)
+        r = _recall_ranks(s_row, s_j, offs_p, own, n_cols, scale, BLOCK_P, BLOCK_K)
+        # n and the k values are made where they are used: short live ranges (no spill)
+        n = tl.sum(lane.to(tl.float32), axis=0)
+        k, t2, kmask = _recall_k_params(kp_ptr, NUM_K, K_BLOCK)
+        loss, c = _recall_row_terms(r, lane, n, k, t2, kmask, NUM_K, COMPUTE_GRAD)
+        if COMPUTE_GRAD:
+            _recall_grad(s_row, g_row, s_j, offs_p, pmask, c, own, n_cols, scale, inv_tau, False, BLOCK_P, BLOCK_K)
+        return loss
+
+    @triton.jit
+    def _recall_chunk_sums(
+        s_row,
+        p0,
+        hi,
+        own,
+        kp_ptr,
+        n_cols,
+        scale,
+        NUM_K: tl.constexpr,
+        K_BLOCK: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        """First sweep of a chunked Recall@k row: the lanes [p0, p0 + BLOCK_P)'s part of the s_k."""
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        pmask = offs_p < hi
+        lane = pmask & (offs_p != own)
+        s_j = tl.load(s_row + offs_p, mask=pmask, other=0.0)
+        r = _recall_ranks(s_row, s_j, offs_p, own, n_cols, scale, BLOCK_P, BLOCK_K)
+        k, t2, kmask = _recall_k_params(kp_ptr, NUM_K, K_BLOCK)
+        return _recall_k_sums(r, lane, k, t2)
+
+    @triton.jit
+    def _recall_chunk_grad(
+        s_row,
+        g_row,
+        p0,
+        hi,
+        own,
+        w,
+        kp_ptr,
+        n_cols,
+        scale,
+        inv_tau,
+        NUM_K: tl.constexpr,
+        K_BLOCK: tl.constexpr,
+        ACCUMULATE: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        """Second sweep of a chunked Recall@k row: the lanes [p0, p0 + BLOCK_P) recompute r_t, take
+        c_t from the row's per-k weights w and write (ACCUMULATE: add) their part of dS."""
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        pmask = offs_p < hi
+        lane = pmask & (offs_p != own)
+        s_j = tl.load(s_row + offs_p, mask=pmask, other=0.0)
+        r = _recall_ranks(s_row, s_j, offs_p, own, n_cols, scale, BLOCK_P, BLOCK_K)
+        k, t2, kmask = _recall_k_params(kp_ptr, NUM_K, K_BLOCK)
+        c = _recall_lane_coefs(r, lane, w, k, t2)
+        _recall_grad(s_row, g_row, s_j, offs_p, pmask, c, own, n_cols, scale, inv_tau, ACCUMULATE, BLOCK_P, BLOCK_K)
+
+    @triton.jit
+    def _recall_row(
+        s_row,
+        g_row,
+        lo,
+        hi,
+        own_ptr,
+        kp_ptr,
+        loss_ptr,
+        row,
+        n_cols,
+        scale,
+        inv_tau,
+        COMPUTE_GRAD: tl.constexpr,
+        TILE: tl.constexpr,
+        NUM_K: tl.constexpr,
+        K_BLOCK: tl.constexpr,
+    ):
+        """Stores the row loss of one Recall@k row (and its dS row when COMPUTE_GRAD). The own column is neither a
+        lane nor ranked; n = active lanes. Up to 16 lanes: one block (width 4, 8 or 16). More: the
+        s_k need every lane first, so the chunks of 16 are swept twice (sums, then gradient with r_t
+        recomputed): no scratch buffer, at the price of a second pass 1 for long rows with gradient.
+        Each branch stores its own loss (a loss merged across the branches costs ptxas a spill)."""
+        cnt = hi - lo
+        own = tl.load(own_ptr + row)
+        if cnt - ((own >= lo) & (own < hi)).to(tl.int32) < 1:
+            # no active lane (empty segment, or only the own column): dropped, loss 0, zero dS row
+            if COMPUTE_GRAD:
+                for k0 in range(0, n_cols, TILE):
+                    offs = k0 + tl.arange(0, TILE)
+                    tl.store(g_row + offs, tl.zeros([TILE], dtype=tl.float32), mask=offs < n_cols)
+            tl.store(loss_ptr + row, 0.0)
+        elif cnt <= 4:
+            loss = _recall_row_single(
+                s_row,
+                g_row,
+                lo,
+                hi,
+                own,
+                kp_ptr,
+                n_cols,
+                scale,
+                inv_tau,
+                NUM_K,
+                K_BLOCK,
+                COMPUTE_GRAD,
+                4,
+                TILE // 4,
+            )
+            tl.store(loss_ptr + row, loss)
+        elif cnt <= 8:
+            loss = _recall_row_single(
+                s_row,
+                g_row,
+                lo,
+                hi,
+                own,
+                kp_ptr,
+                n_cols,
+                scale,
+                inv_tau,
+                NUM_K,
+                K_BLOCK,
+                COMPUTE_GRAD,
+                8,
+                TILE // 8,
+            )
+            tl.store(loss_ptr + row, loss)
+        elif cnt <= 16:
+            loss = _recall_row_single(
+                s_row,
+                g_row,
+                lo,
+                hi,
+                own,
+                kp_ptr,
+                n_cols,
+                scale,
+                inv_tau,
+                NUM_K,
+                K_BLOCK,
+                COMPUTE_GRAD,
+                16,
+                TILE // 16,
+            )
+            tl.store(loss_ptr + row, loss)
+        else:
+            s = tl.zeros([K_BLOCK], dtype=tl.float32)
+            for p0 in range(lo, hi, 16):
+                s += _recall_chunk_sums(s_row, p0, hi, own, kp_ptr, n_cols, scale, NUM_K, K_BLOCK, 16, TILE // 16)
+            nf = (cnt - ((own >= lo) & (own < hi)).to(tl.int32)).to(tl.float32)
+            k, t2, kmask = _recall_k_params(kp_ptr, NUM_K, K_BLOCK)
+            loss, w = _recall_k_weights(s, nf, k, t2, kmask, NUM_K)
+            tl.store(loss_ptr + row, loss)
+            if COMPUTE_GRAD:
+                _recall_chunk_grad(
+                    s_row, g_row, lo, hi, own, w, kp_ptr, n_cols, scale, inv_tau, NUM_K, K_BLOCK, False, 16, TILE // 16
+                )
+                for p0 in range(lo + 16, hi, 16):
+                    _recall_chunk_grad(
+                        s_row,
+                        g_row,
+                        p0,
+                        hi,
+                        own,
+                        w,
+                        kp_ptr,
+                        n_cols,
+                        scale,
+                        inv_tau,
+                        NUM_K,
+                        K_BLOCK,
+                        True,
+                        16,
+                        TILE // 16,
+                    )
+
+    @triton.jit
     def _rows_kernel(
         S_ptr,
         stride_s,
         lo_ptr,
         hi_ptr,
+        own_ptr,
+        kp_ptr,
         loss_ptr,
         G_ptr,
         stride_g,
@@ -309,95 +654,54 @@ if triton is not None:
         COMPUTE_GRAD: tl.constexpr,
         TILE: tl.constexpr,
         BLOCK_S: tl.constexpr,
+        NUM_K: tl.constexpr,
+        K_BLOCK: tl.constexpr,
     ):
         # One program per query row. The positive-tile width is picked per row from its segment
         # length (1-4, 5-8, more: chunks of 16), so no host sync is needed to size the launch and
         # small classes are not padded to the largest one. Each tier keeps the
-        # (BLOCK_P x BLOCK_K) tile at TILE elements.
+        # (BLOCK_P x BLOCK_K) tile at TILE elements. own_ptr / kp_ptr (the own columns, the k
+        # values and temperatures) are read by Recall@k only.
         row = tl.program_id(0).to(tl.int64)
         lo = tl.load(lo_ptr + row)
         hi = tl.load(hi_ptr + row)
         cnt = hi - lo
         s_row = S_ptr + row * stride_s
         g_row = G_ptr + row * stride_g
-        inv_cnt = 1.0 / tl.maximum(cnt, 1).to(tl.float32)
-        loss = 0.0
-        if cnt < 1:
-            # An empty segment drops the row: loss 0, its row of dS zero.
-            if COMPUTE_GRAD:
-                for k0 in range(0, n_cols, TILE):
-                    offs = k0 + tl.arange(0, TILE)
-                    tl.store(g_row + offs, tl.zeros([TILE], dtype=tl.float32), mask=offs < n_cols)
-        elif cnt <= 4:
-            loss = _row_chunk(
+        if LOSS == _LOSS_RECALL_AT_K:
+            _recall_row(
                 s_row,
                 g_row,
                 lo,
                 hi,
-                lo,
+                own_ptr,
+                kp_ptr,
+                loss_ptr,
+                row,
                 n_cols,
                 scale,
                 inv_tau,
-                inv_cnt,
-                alpha,
-                b,
-                LOSS,
-                VARIANT,
                 COMPUTE_GRAD,
-                False,
-                4,
-                TILE // 4,
-                BLOCK_S,
-            )
-        elif cnt <= 8:
-            loss = _row_chunk(
-                s_row,
-                g_row,
-                lo,
-                hi,
-                lo,
-                n_cols,
-                scale,
-                inv_tau,
-                inv_cnt,
-                alpha,
-                b,
-                LOSS,
-                VARIANT,
-                COMPUTE_GRAD,
-                False,
-                8,
-                TILE // 8,
-                BLOCK_S,
+                TILE,
+                NUM_K,
+                K_BLOCK,
             )
         else:
-            loss = _row_chunk(
-                s_row,
-                g_row,
-                lo,
-                hi,
-                lo,
-                n_cols,
-                scale,
-                inv_tau,
-                inv_cnt,
-                alpha,
-                b,
-                LOSS,
-                VARIANT,
-                COMPUTE_GRAD,
-                False,
-                16,
-                TILE // 16,
-                BLOCK_S,
-            )
-            for p0 in range(lo + 16, hi, 16):
-                loss += _row_chunk(
+            inv_cnt = 1.0 / tl.maximum(cnt, 1).to(tl.float32)
+            loss = 0.0
+            if cnt < 1:
+                # An empty segment drops the row: loss 0, its row of dS zero.
+                if COMPUTE_GRAD:
+                    for k0 in range(0, n_cols, TILE):
+                        offs = k0 + tl.arange(0, TILE)
+                        tl.store(g_row + offs, tl.zeros([TILE], dtype=tl.float32), mask=offs < n_cols)
+            elif cnt <= 4:
+                loss = _row_chunk(
                     s_row,
                     g_row,
                     lo,
                     hi,
-                    p0,
+                    lo,
                     n_cols,
                     scale,
                     inv_tau,
@@ -407,12 +711,75 @@ if triton is not None:
                     LOSS,
                     VARIANT,
                     COMPUTE_GRAD,
-                    True,
+                    False,
+                    4,
+                    TILE // 4,
+                    BLOCK_S,
+                )
+            elif cnt <= 8:
+                loss = _row_chunk(
+                    s_row,
+                    g_row,
+                    lo,
+                    hi,
+                    lo,
+                    n_cols,
+                    scale,
+                    inv_tau,
+                    inv_cnt,
+                    alpha,
+                    b,
+                    LOSS,
+                    VARIANT,
+                    COMPUTE_GRAD,
+                    False,
+                    8,
+                    TILE // 8,
+                    BLOCK_S,
+                )
+            else:
+                loss = _row_chunk(
+                    s_row,
+                    g_row,
+                    lo,
+                    hi,
+                    lo,
+                    n_cols,
+                    scale,
+                    inv_tau,
+                    inv_cnt,
+                    alpha,
+                    b,
+                    LOSS,
+                    VARIANT,
+                    COMPUTE_GRAD,
+                    False,
                     16,
                     TILE // 16,
                     BLOCK_S,
                 )
-        tl.store(loss_ptr + row, loss * inv_cnt)
+                for p0 in range(lo + 16, hi, 16):
+                    loss += _row_chunk(
+                        s_row,
+                        g_row,
+                        lo,
+                        hi,
+                        p0,
+                        n_cols,
+                        scale,
+                        inv_tau,
+                        inv_cnt,
+                        alpha,
+                        b,
+                        LOSS,
+                        VARIANT,
+                        COMPUTE_GRAD,
+                        True,
+                        16,
+                        TILE // 16,
+                        BLOCK_S,
+                    )
+            tl.store(loss_ptr + row, loss * inv_cnt)
 
     @triton.jit
     def _row_weights(g_ptr, g_stride, perm_ptr, n_valid_ptr, offs, mask, MODE: tl.constexpr):
@@ -691,55 +1058,106 @@ def _tile() -> int:
 SEGMENT_BLOCK = 16
 
 
+# (device, ks, k_temperatures) -> (device tensor, its host source: a pinned source must outlive
+# the non-blocking copy from it)
+_K_PARAMS_CACHE: Dict[Tuple[str, Tuple[float, ...], Tuple[float, ...]], Tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def recall_k_params(spec: LossSpec, device: torch.device) -> Tuple[torch.Tensor, int, int]:
+    """Recall@k's k values and temperatures for the kernels: ((2, NUM_K) float32 tensor on
+    ``device``, row 0 the k values, row 1 tau2_k; NUM_K; K_BLOCK, the power of two >= NUM_K
+    that ``_recall_k_params`` loads them into). Made once per device and k set and kept: later
+    calls copy nothing, and no call synchronises (on a GPU the one copy is a non-blocking one
+    from pinned memory)."""
+    ks = tuple(float(k) for k in spec.ks)
+    temps = tuple(float(t) for t in spec.k_temperatures)
+    if not ks:
+        raise ValueError("ks: Recall@k needs at least one k")
+    if len(temps) != len(ks):
+        raise ValueError(f"k_temperatures: expected one per k ({len(ks)}), got {len(temps)}")
+    device = torch.device(device)
+    key = (str(device), ks, temps)
+    hit = _K_PARAMS_CACHE.get(key)
+    if hit is None:
+        host = torch.tensor([ks, temps], dtype=torch.float32)
+        if device.type == "cuda":
+            host = host.pin_memory()
+            hit = (host.to(device, non_blocking=True), host)
+        else:
+            hit = (host.to(device), host)
+        _K_PARAMS_CACHE[key] = hit
+    kp = hit[0]
+    return kp, len(ks), _next_pow2(len(ks))
+
+
 def row_losses_and_dS(
     S: torch.Tensor,
     lo: torch.Tensor,
     hi: torch.Tensor,
-    kind: int,
-    variant: int,
-    anneal: float,
-    alpha: float,
-    b: float,
+    own: Optional[torch.Tensor],
+    spec: LossSpec,
     compute_grad: bool,
-    tile: int = 0,
-):
+    tile: Optional[int] = None,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Per-row loss of a float32 (Q x M) block (positives of row p: columns [lo_p, hi_p)) and,
-    if asked, its gradient dS (Q, M) float32 (else None). ``kind``: LOSS_PNP or LOSS_SMOOTH_AP;
-    ``variant`` is a PNP variant code (ignored, with alpha and b, for Smooth-AP)."""
+    if asked, its gradient dS (Q, M) float32 (else None), for the loss kind of ``spec``.
+
+    ``own`` (Q,) int: row p's own column, -1 if none; Recall@k excludes it from the lanes and
+    from the ranked columns, PNP and Smooth-AP ignore it (None is accepted for them). ``tile``:
+    elements of a (positives x columns) tile, a power of two >= 64 (default: 2048 on a GPU,
+    256 under the interpreter)."""
     check_device(S)
     if S.dtype != torch.float32:
         raise TypeError(f"triton backend computes in float32, got similarities of dtype {S.dtype}")
-    if kind not in (LOSS_PNP, LOSS_SMOOTH_AP):
+    kind = spec.kind
+    if kind not in (LOSS_PNP, LOSS_SMOOTH_AP, LOSS_RECALL_AT_K):
         raise ValueError(f"kind: unknown loss kind {kind}")
+    tile = _tile() if tile is None else int(tile)
+    if tile < 64 or tile & (tile - 1):
+        raise ValueError(f"tile: expected a power of two >= 64, got {tile}")
     S = S if S.stride(1) == 1 else S.contiguous()
-    lo = lo if lo.dtype == torch.int32 else lo.to(torch.int32)
-    hi = hi if hi.dtype == torch.int32 else hi.to(torch.int32)
+    lo = (lo if lo.dtype == torch.int32 else lo.to(torch.int32)).contiguous()
+    hi = (hi if hi.dtype == torch.int32 else hi.to(torch.int32)).contiguous()
     n_rows, n_cols = S.shape
     out = torch.empty(n_rows, dtype=torch.float32, device=S.device)
     G = torch.empty((n_rows, n_cols), dtype=torch.float32, device=S.device) if compute_grad else None
+    variant = spec.variant.code
+    if kind == LOSS_RECALL_AT_K:
+        if own is None:
+            raise ValueError("own: Recall@k needs each row's own column (-1 if none)")
+        own = (own if own.dtype == torch.int32 else own.to(torch.int32)).contiguous()
+        kp, num_k, k_block = recall_k_params(spec, S.device)
+        variant = 0  # one specialization per k count: the variant is not used
+    else:
+        own = lo  # not read
+        kp, num_k, k_block = out, 1, 1  # not read
+        if kind == LOSS_SMOOTH_AP:
+            variant = 0  # one specialization: the variant is not used
     if n_rows == 0:
         return out, G
-    if kind == LOSS_SMOOTH_AP:
-        variant = 0  # one specialization: the variant is not used
     with _on_device(S):
         _rows_kernel[(n_rows,)](
             S,
             S.stride(0),
-            lo.contiguous(),
-            hi.contiguous(),
+            lo,
+            hi,
+            own,
+            kp,
             out,
             G if G is not None else out,
             G.stride(0) if G is not None else 0,  # dummy pointer when unused
             n_cols,
-            _LOG2E / anneal,
-            1.0 / anneal,
-            float(alpha),
-            float(b),
+            _LOG2E / spec.anneal,
+            1.0 / spec.anneal,
+            float(spec.alpha),
+            float(spec.b),
             LOSS=int(kind),
             VARIANT=int(variant),
             COMPUTE_GRAD=bool(compute_grad),
-            TILE=tile or _tile(),
+            TILE=tile,
             BLOCK_S=SEGMENT_BLOCK,
+            NUM_K=num_k,
+            K_BLOCK=k_block,
         )
     return out, G
 

@@ -387,10 +387,12 @@ def check_cuda_ext(archs) -> int:
 
 def _demangle_kernel(mangled: str) -> str:
     """A short readable name: the kernel's identifier and its template arguments (f/d, loss kind, grad)."""
-    m = re.search(r"(rows_kernel|symmetrize_kernel)I([fd])(?:Li(\d+)ELb([01])E)?", mangled)
+    m = re.search(r"(recall_rows_kernel|rows_kernel|symmetrize_kernel)I([fd])(?:Li(\d+)E)?(?:Lb([01])E)?", mangled)
     if not m:
         return mangled[:60]
     dtype = {"f": "float", "d": "double"}[m.group(2)]
+    if m.group(1) == "recall_rows_kernel":
+        return f"{m.group(1)}<{dtype}, grad={m.group(4) == '1'}>"
     if not m.group(3):
         return f"{m.group(1)}<{dtype}>"
     from pnp_kernels.variants import LOSS_KINDS

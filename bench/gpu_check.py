@@ -30,6 +30,13 @@ reported and the rest still runs); ``--skip`` takes their names:
                   else skipped with a note), triton / ext / torch, square PNP,
                   Smooth-AP, reference set: result and gradient on cuda:1, the current
                   device unchanged, equal (rel. err <= 1e-6) to the step on cuda:0.
+  distributed     distributed=True's collectives in one process (world size 1): NCCL on
+                  the GPU (gloo on the CPU): the metadata exchange and its error path,
+                  distributed_loss vs the plain loss (PNP, Smooth-AP, a memory; float32
+                  1e-5, float64 1e-10), the gather's reduce-scatter backward (counted),
+                  and the host syncs of one step (expected 1). Not covered: two or more
+                  GPUs, unequal local batches and empty ones on NCCL (the tests run those
+                  on gloo).
   opcheck         torch.library.opcheck of pnp_kernels::square_loss_fwd/bwd and
                   reference_loss_fwd/bwd on CUDA tensors (triton, ext), both losses,
                   both similarities, both reductions.
@@ -50,6 +57,9 @@ reported and the rest still runs); ``--skip`` takes their names:
                   peak memory, next to the square B = 4096 step and the GEMM floors.
   bigP            PNP at P = 16 and 64, B = 384 .. 16384.
   huge            PNP at B = 65536.
+  me_bench        the memory-efficient path (triton) next to dense, PNP Dq, B = 16384,
+                  65536, 262144, D = 512, P = 4, float32 and bfloat16: time, peak memory,
+                  dense where it fits, agreement of the two, ratio to the bf16 GEMM floor.
 
 Timing: triton.testing.do_bench median (warmup 25 ms, rep 100 ms; --quick: 5/20);
 memory: torch.cuda.max_memory_allocated above what is allocated before the step.
@@ -302,10 +312,11 @@ def ext_bad_segment(device):
     S = torch.randn(4, 16, device=device)
     lo = torch.tensor([0, 4, 14, 8], dtype=torch.int32, device=device)
     hi = torch.tensor([4, 8, 40, 12], dtype=torch.int32, device=device)  # row 2 ends past column 16
+    own = lo.clone()  # own columns at the segments' starts (Recall@k leaves them out)
     ok = True
-    for kind in (LOSS_PNP, LOSS_SMOOTH_AP):
-        # row_losses_and_dS(S, lo, hi, kind, variant, anneal, alpha, b, compute_grad)
-        loss, G = ops.row_losses_and_dS(S, lo, hi, kind, 0, 0.05, 1.0, 2.0, True)
+    for kind in (LOSS_PNP, LOSS_SMOOTH_AP, LOSS_RECALL_AT_K):
+        # row_losses_and_dS(S, lo, hi, own, kind, variant, anneal, alpha, b, ks, k_temperatures, compute_grad)
+        loss, G = ops.row_losses_and_dS(S, lo, hi, own, kind, 0, 0.05, 1.0, 2.0, [1.0, 2.0], [1.0, 2.0], True)
         torch.cuda.synchronize()
         good = (
             bool(torch.isnan(loss[2])) and bool(torch.isnan(G[2]).all()) and bool(torch.isfinite(loss[[0, 1, 3]]).all())
@@ -860,6 +871,182 @@ def refset_table(device, backends, Q, M, D=512, P=4, quick=False):
     return True
 
 
+def distributed_nccl(device):
+    """distributed=True's collectives in one process (world size 1): NCCL on CUDA, gloo on the CPU.
+
+    With one process distributed=True is the plain loss, so this calls the distributed path's
+    pieces directly: the metadata exchange (pnp_kernels.distributed.agree, and its error path),
+    then distributed_loss with the sizes it returns, against the plain loss. On NCCL the
+    gather's backward takes the reduce-scatter path (counted), and one forward + backward is
+    run under set_sync_debug_mode("warn") to count host syncs (expected: 1, reading back the
+    exchanged sizes). Unverified here: two or more GPUs, unequal local batches on NCCL (the
+    padded reduce-scatter layout; the tests run it on gloo), empty local batches.
+    """
+    import socket
+    import warnings
+
+    import torch.distributed as dist
+
+    import pnp_kernels.distributed as dm
+    from pnp_kernels.functional import pnp_spec, smooth_ap_spec
+
+    cuda = device.type == "cuda"
+    pg_backend = "nccl" if cuda else "gloo"
+    if not dist.is_available() or (cuda and not dist.is_nccl_available()):
+        log(f"  torch.distributed / {pg_backend} not available: skipped")
+        return None
+    if dist.is_initialized():
+        log("  a process group is already initialised: skipped")
+        return None
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    if cuda:
+        torch.cuda.set_device(device.index or 0)
+    dist.init_process_group(pg_backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    real_rs, count = dm._reduce_scatter, [0]
+
+    def counting_rs(out, inp, group):
+        count[0] += 1
+        real_rs(out, inp, group)
+
+    dm._reduce_scatter = counting_rs
+    ok = True
+    try:
+        expect_rs = dm.uses_reduce_scatter(device)
+        ok &= expect_rs == cuda
+        log(f"  {pg_backend}, world size 1; the gather's backward: {'reduce-scatter' if expect_rs else 'all-reduce'}")
+        gen = torch.Generator().manual_seed(5)
+        kernel = "triton" if cuda else "torch"
+        cases = [  # (what, spec, loss kwargs, memory rows, backend, dtype, tolerance)
+            ("pnp Dq", pnp_spec("Dq", 0.05, 2.0), dict(variant="Dq", anneal=0.05, alpha=2.0), 0, kernel),
+            ("smooth_ap", smooth_ap_spec(0.05), dict(temperature=0.05), 0, kernel),
+            ("pnp Dq + memory", pnp_spec("Dq", 0.05, 2.0), dict(variant="Dq", anneal=0.05, alpha=2.0), 50, kernel),
+            ("pnp Ds float64", pnp_spec("Ds", 0.05), dict(variant="Ds", anneal=0.05), 0, "torch"),
+        ]
+        for what, spec, kw, m, backend in cases:
+            dtype, tol = (torch.float64, 1e-10) if "float64" in what else (torch.float32, 1e-5)
+            E = torch.randn(37, 64, generator=gen, dtype=dtype).to(device)
+            y = torch.randint(0, 6, (37,), generator=gen).to(device)
+            R = torch.randn(m, 64, generator=gen, dtype=dtype).to(device) if m else None
+            yr = torch.randint(0, 6, (m,), generator=gen).to(device) if m else None
+            fn = smooth_ap_loss if "temperature" in kw else pnp_loss
+            x0, x1 = E.clone().requires_grad_(True), E.clone().requires_grad_(True)
+            if m:  # one process: the batch heads its own reference set, as the gathered batch does
+                index = torch.arange(37, device=device)
+                plain = fn(x0, y, torch.cat([x0, R]), torch.cat([y, yr]), query_ref_index=index, backend=backend, **kw)
+            else:
+                plain = fn(x0, y, backend=backend, **kw)
+            plain.backward()
+            before = count[0]
+            sizes = dm.agree(x1, R, spec, True, None)
+            out = dm.distributed_loss(x1, y, R, yr, spec, backend, None, sizes)[0]
+            out.backward()
+            el, eg, rs = rel_err(out.detach(), plain.detach()), rel_err(x1.grad, x0.grad), count[0] - before
+            good = el <= tol and eg <= tol and sizes == [37] and rs == int(expect_rs)
+            ok &= good
+            log(
+                f"  {what} ({backend}): loss rel err {el:.2e}, grad rel err {eg:.2e} (tol {tol:g}), "
+                f"reduce-scatters {rs}: {'ok' if good else 'FAIL'}"
+            )
+        # a local error: raised with the rank named, after the error path's second exchange
+        try:
+            dm.agree(E, None, None, True, TypeError("labels: expected an integer dtype, got torch.float32"))
+            log("  a local error was not raised: FAIL")
+            ok = False
+        except TypeError as exc:
+            good = str(exc).startswith("labels (rank 0): expected an integer dtype")
+            ok &= good
+            log(f"  a local error, raised as: TypeError: {exc}: {'ok' if good else 'FAIL'}")
+        if cuda:
+            spec = pnp_spec("Dq", 0.05, 2.0)
+            x = torch.randn(37, 64, generator=gen).to(device).requires_grad_(True)
+            y = torch.randint(0, 6, (37,), generator=gen).to(device)
+
+            def step():
+                sizes = dm.agree(x, None, spec, True, None)
+                dm.distributed_loss(x, y, None, None, spec, "triton", None, sizes)[0].backward()
+
+            step()  # warm-up
+            torch.cuda.synchronize()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    step()
+                finally:
+                    torch.cuda.set_sync_debug_mode(0)
+            syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
+            good = len(syncs) == 1
+            ok &= good
+            log(f"  host syncs of one step (triton): {len(syncs)}, expected 1: {'ok' if good else 'FAIL'}")
+            for line in syncs:
+                log(f"    {line}")
+    finally:
+        dm._reduce_scatter = real_rs
+        dist.destroy_process_group()
+    return ok
+
+
+def memory_efficient_table(device, backend, Bs, dtypes, D=512, P=4, quick=False):
+    """The memory-efficient path next to dense: PNP (Dq) forward+backward of B x D embeddings in
+    float32 and bfloat16 (P per class), time and peak memory above the inputs, the dense path
+    where its two B x B float32 buffers fit, agreement of the two (loss and gradient), and the
+    time over the bf16 GEMM floor: 2 GEMMs of 2 B^2 D flop at the bf16 rate measured here (a
+    B x B product does not fit at the largest B, so the floor is computed from the rate)."""
+    cuda = device.type == "cuda"
+    gen = torch.Generator().manual_seed(16)
+    # the bf16 GEMM rate: one (n x D) (D x n) product, median time
+    n = 16384 if cuda else 256
+    X = torch.randn(n, D, generator=gen).to(device=device, dtype=torch.bfloat16 if cuda else torch.float32)
+    t_gemm = measure(lambda: X @ X.t(), device, quick)[0]
+    rate = 2 * n * n * D / (t_gemm * 1e-3)
+    X = None
+    log(f"  GEMM rate ({'bf16' if cuda else 'float32, CPU'}, {n} x {D} x {n}): {rate / 1e12:.1f} TFLOP/s")
+    free = torch.cuda.mem_get_info()[0] if cuda else 0
+    log(
+        "| B | dtype | dense fwd+bwd | memory-efficient fwd+bwd | me / dense time | bf16 GEMM floor | me / floor "
+        "| me vs dense loss, grad rel. err |"
+    )
+    log("|---|---|---|---|---|---|---|---|")
+    ok = True
+    for B in Bs:
+        y = (torch.arange(B) // P)[torch.randperm(B, generator=gen)].to(device)
+        for dt in dtypes:
+            E = torch.randn(B, D, generator=gen).to(device=device, dtype=dt).requires_grad_()
+
+            def step(me):
+                return lambda: pnp_loss(E, y, variant="Dq", backend=backend, memory_efficient=me).backward()
+
+            me = guarded(lambda: measure(step(True), device, quick, [E]))
+            # dense keeps S and G (8 B^2 bytes) next to the inputs
+            fits = (not cuda and B <= 4096) or (cuda and 8 * B * B < 0.8 * free)
+            dense = guarded(lambda: measure(step(False), device, quick, [E])) if fits else "does not fit"
+            agree = ""
+            if isinstance(dense, tuple) and isinstance(me, tuple):
+                res = {}
+                for flag in (True, False):
+                    E.grad = None
+                    out = pnp_loss(E, y, variant="Dq", backend=backend, memory_efficient=flag)
+                    out.backward()
+                    res[flag] = (out.detach().float(), E.grad.float())
+                el, eg = rel_err(res[True][0], res[False][0]), rel_err(res[True][1], res[False][1])
+                agree = f"{el:.1e}, {eg:.1e}"
+                ok &= el <= (1e-5 if dt == torch.float32 else 1e-3) and eg <= (1e-4 if dt == torch.float32 else 1e-2)
+                E.grad = None
+            floor_ms = 2 * 2 * B * B * D / rate * 1e3
+            name = str(dt).replace("torch.", "")
+            log(
+                f"| {B} | {name} | {fmt(dense)} | {fmt(me)} | {ratio(me, dense)} | {floor_ms:.3f} ms | "
+                f"{ratio(me, (floor_ms, None))} | {agree} |"
+            )
+            ok &= isinstance(me, tuple)
+            E = None
+            if cuda:
+                torch.cuda.empty_cache()
+    return ok
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
@@ -910,6 +1097,7 @@ def main():
         run("memory_efficient", lambda: memory_efficient_parity(device, cpu_backends, B=20, Q=10, M=24))
         run("refset", lambda: refset_parity(device, cpu_backends, Q=12, M=30))
         run("device_guard", lambda: device_guard(cpu_backends))
+        run("distributed", lambda: distributed_nccl(device))
         run("opcheck", lambda: opcheck(device, table_backends))
         run("determinism", lambda: determinism(device, 24, 8))
         run(
@@ -923,6 +1111,10 @@ def main():
         )
         run("smooth_ap_bench", lambda: smooth_ap_table(device, table_backends, [32], D=16, quick=True))
         run("refset_bench", lambda: refset_table(device, table_backends, 16, 128, D=16, quick=True))
+        run(
+            "me_bench",
+            lambda: memory_efficient_table(device, table_backends[0], [64], [torch.float32], D=16, quick=True),
+        )
     else:
         # the sync-free backends on CUDA: triton, and ext when its CUDA kernels were built
         cuda_backends = [b for b in ("triton", "ext") if b in backends and (b != "ext" or not ext_build.cuda_status())]
@@ -936,6 +1128,7 @@ def main():
         if "ext" in cuda_backends:
             run("ext_guard", lambda: ext_bad_segment(device))
         run("device_guard", lambda: device_guard(cuda_backends + ["torch"]))
+        run("distributed", lambda: distributed_nccl(device))
         run("opcheck", lambda: opcheck(device, cuda_backends))
         run("graph", lambda: cuda_graph_step(device))
         run("determinism", lambda: determinism(device, 2048, 512))
@@ -974,6 +1167,12 @@ def main():
             ),
         )
         run("huge", lambda: print_table(bench_table(device, [65536], 4, [], with_ref=False, quick=True), []) or True)
+        run(
+            "me_bench",
+            lambda: memory_efficient_table(
+                device, "triton", [16384, 65536, 262144], [torch.float32, torch.bfloat16], quick=args.quick
+            ),
+        )
     log("\n=== summary")
     for k, v in results.items():
         log(f"  {k}: {v}")

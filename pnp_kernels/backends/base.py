@@ -207,7 +207,8 @@ class Backend:
     ) -> Tensor:
         """dL/dE of the square forward."""
         if spec.memory_efficient:
-            g = self.row_weights(grad_out.to(prep.Xs.dtype), prep.perm, n_valid, prep.Xs.shape[0], spec)
+            cdt = self.compute_dtype(prep.Xs.dtype)  # float32 also for half rows kept by a backend
+            g = self.row_weights(grad_out.to(cdt), prep.perm, n_valid, prep.Xs.shape[0], spec)
             own = torch.arange(prep.Xs.shape[0], device=prep.lo.device, dtype=torch.int32)
             dXq, dXr = self.tiled_grads(prep.Xs, prep.Xs, prep.lo, prep.hi, own, G, g, spec, True, True)
             assert dXq is not None and dXr is not None
@@ -286,7 +287,7 @@ class Backend:
         ``r_live`` >= 0: only the first ``r_live`` reference rows (in the caller's order)
         need a gradient, the rest being detached (a memory bank behind the live batch):
         dXr is computed for those rows only and the others get 0."""
-        g = self.row_weights(grad_out.to(prep.Xq.dtype), None, n_valid, prep.Xq.shape[0], spec)
+        g = self.row_weights(grad_out.to(self.compute_dtype(prep.Xq.dtype)), None, n_valid, prep.Xq.shape[0], spec)
         M = prep.Xr.shape[0]
         live = need_r and 0 <= r_live < M
         # sorted positions of the live rows, in a fixed-size, sync-free form: a stable sort

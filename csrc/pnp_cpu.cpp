@@ -17,6 +17,14 @@
 // row, added to G_p by one axpy per contiguous range, and the diagonal term
 // -sum_k W_jk is added to G_pj from the sigma' sums.
 //
+// Recall@k ranks every column but the own one o against each positive j (lane t): the sweep
+// runs over [0, n) minus {j, o}, three contiguous ranges (again no masks), for r_t and its
+// sigma' sum. Its coefficients need every lane of the row first (recall_row_terms,
+// pnp_common.h), so the ranks r_t are kept per thread for the whole row. When sigma' of all
+// the row's lanes fits a per-thread scratch of kRecallKeep elements, the rank sweep also keeps
+// it and the gradient follows at once; otherwise the lanes are swept twice: ranks first, then
+// chunk by chunk sigma' again for the gradient (the same arithmetic, so the same values).
+//
 // float: 2^w by a branch-free polynomial that the compiler vectorises; sums
 // in float blocks of kBlock terms added into double. double: std::exp2.
 // Everything is in a fixed order: results are bitwise reproducible.
@@ -40,6 +48,9 @@ namespace {
 
 constexpr int64_t kChunk = 16;   // positives per sweep (scratch: kChunk x n)
 constexpr int64_t kBlock = 256;  // terms per float partial sum
+// Recall@k: a row keeps sigma' of all its lanes (one sweep) up to this many elements per thread
+// (4 MiB in float), and sweeps twice (ranks, then sigma' per chunk) beyond
+constexpr int64_t kRecallKeep = int64_t(1) << 20;
 
 template <typename T>
 struct Exp2NonPos;
@@ -136,15 +147,104 @@ inline void axpy(T* __restrict g, const T* __restrict sp, int64_t k0, int64_t k1
   for (int64_t k = k0; k < k1; ++k) g[k] += w * sp[k];
 }
 
+// Recall@k's ranked columns for the positive j of a row with own column o (-1: none; never
+// j): [0, n) minus {j, o}, as two or three contiguous sweeps.
+template <typename T, bool GRAD>
+inline void ranked_sweep(const T* __restrict s, int64_t n, int64_t j, int64_t o, T scale, T* __restrict sp,
+                         double& R, double& Tsum) {
+  if (o < 0) {
+    sweep<T, GRAD>(s, 0, j, s[j], scale, sp, R, Tsum);
+    sweep<T, GRAD>(s, j + 1, n, s[j], scale, sp, R, Tsum);
+    return;
+  }
+  const int64_t a = std::min(j, o), b = std::max(j, o);
+  sweep<T, GRAD>(s, 0, a, s[j], scale, sp, R, Tsum);
+  sweep<T, GRAD>(s, a + 1, b, s[j], scale, sp, R, Tsum);
+  sweep<T, GRAD>(s, b + 1, n, s[j], scale, sp, R, Tsum);
+}
+
+// G[k] += w * sp[k] over the same ranked columns.
+template <typename T>
+inline void ranked_axpy(T* __restrict g, const T* __restrict sp, int64_t n, int64_t j, int64_t o, T w) {
+  if (o < 0) {
+    axpy<T>(g, sp, 0, j, w);
+    axpy<T>(g, sp, j + 1, n, w);
+    return;
+  }
+  const int64_t a = std::min(j, o), b = std::max(j, o);
+  axpy<T>(g, sp, 0, a, w);
+  axpy<T>(g, sp, a + 1, b, w);
+  axpy<T>(g, sp, b + 1, n, w);
+}
+
+// Per-thread buffers of the Recall@k rows: sigma' rows of the lanes (all of them, or one
+// chunk when they would exceed kRecallKeep elements), and per lane the rank r_t,
+// its sigma' sum T_t and its coefficient c_t; sw holds s_k, then w_k.
+template <typename T>
+struct RecallScratch {
+  std::vector<T> sp;
+  std::vector<double> r, tsum, c, sw;
+};
+
+// One Recall@k row (s, g: row p of S and G, already zeroed when GRAD); returns its loss.
+// Lane t is the column lo + t, shifted past the own column o when o lies in [lo, hi).
+template <typename T, bool GRAD>
+double recall_row(const T* s, T* g, int64_t n, int64_t lo, int64_t hi, int64_t o, T scale, double inv_tau,
+                  const double* ks, const double* inv_t2, int nk, RecallScratch<T>& buf) {
+  const bool own_in = o >= lo && o < hi;
+  const int64_t n_act = hi - lo - (own_in ? 1 : 0);
+  if (n_act < 1) return 0.0;  // no positive besides the own column: dropped
+  auto col = [&](int64_t t) { return lo + t + (own_in && lo + t >= o ? 1 : 0); };
+  // sigma' of every lane fits the scratch: the rank sweep keeps it, no second sweep
+  const bool keep = GRAD && (n_act <= kChunk || n_act * n <= kRecallKeep);
+  const int64_t rows_sp = GRAD ? (keep ? n_act : kChunk) : 0;
+  if (static_cast<int64_t>(buf.sp.size()) < rows_sp * n) buf.sp.resize(rows_sp * n);
+  if (static_cast<int64_t>(buf.r.size()) < n_act) {
+    buf.r.resize(n_act);
+    buf.tsum.resize(n_act);
+    buf.c.resize(n_act);
+  }
+  if (static_cast<int>(buf.sw.size()) < nk) buf.sw.resize(nk);
+  for (int64_t t = 0; t < n_act; ++t) {
+    double R = 1.0, Tn = 0.0;  // the positive itself is rank 1
+    if (keep)
+      ranked_sweep<T, true>(s, n, col(t), o, scale, buf.sp.data() + t * n, R, Tn);
+    else
+      ranked_sweep<T, false>(s, n, col(t), o, scale, nullptr, R, Tn);
+    buf.r[t] = R;
+    buf.tsum[t] = Tn;
+  }
+  const double loss =
+      recall_row_terms<double>(buf.r.data(), n_act, ks, inv_t2, nk, buf.sw.data(), GRAD ? buf.c.data() : nullptr);
+  if (GRAD) {
+    for (int64_t t0 = 0; t0 < n_act; t0 += kChunk) {
+      const int64_t t1 = std::min(t0 + kChunk, n_act);
+      if (!keep) {
+        for (int64_t t = t0; t < t1; ++t) {
+          double R = 1.0, Tn = 0.0;
+          ranked_sweep<T, true>(s, n, col(t), o, scale, buf.sp.data() + (t - t0) * n, R, Tn);
+          buf.tsum[t] = Tn;
+        }
+      }
+      const T* sp0 = buf.sp.data() + (keep ? t0 * n : 0);
+      for (int64_t t = t0; t < t1; ++t)
+        ranked_axpy<T>(g, sp0 + (t - t0) * n, n, col(t), o, static_cast<T>(buf.c[t] * inv_tau));
+      for (int64_t t = t0; t < t1; ++t) g[col(t)] += static_cast<T>(-buf.c[t] * buf.tsum[t] * inv_tau);
+    }
+  }
+  return loss;
+}
+
 template <typename T, int KIND, bool GRAD>
-void rows_kernel(const T* S, int64_t ss, const int32_t* lo_p, const int32_t* hi_p, T* loss,
-                 T* G, int64_t sg, int64_t Q, int64_t n, int variant, double anneal,
-                 double alpha, double b) {
+void rows_kernel(const T* S, int64_t ss, const int32_t* lo_p, const int32_t* hi_p, const int32_t* own_p, T* loss,
+                 T* G, int64_t sg, int64_t Q, int64_t n, int variant, double anneal, double alpha, double b,
+                 const double* ks, const double* inv_t2, int nk) {
   const T scale = static_cast<T>(kLog2e / anneal);
   const double inv_tau = 1.0 / anneal;
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(n, 1));
   at::parallel_for(0, Q, grain, [&](int64_t begin, int64_t end) {
     std::vector<T> scratch;
+    RecallScratch<T> rbuf;
     for (int64_t p = begin; p < end; ++p) {
       const int64_t lo = lo_p[p], hi = hi_p[p], cnt = hi - lo;
       const T* s = S + p * ss;
@@ -152,6 +252,11 @@ void rows_kernel(const T* S, int64_t ss, const int32_t* lo_p, const int32_t* hi_
       if (GRAD) std::fill(g, g + n, T(0));
       if (cnt < 1) {  // empty segment: the query is dropped
         loss[p] = T(0);
+        continue;
+      }
+      if (KIND == kLoss_recall_at_k) {
+        loss[p] = static_cast<T>(
+            recall_row<T, GRAD>(s, g, n, lo, hi, own_p[p], scale, inv_tau, ks, inv_t2, nk, rbuf));
         continue;
       }
       const double inv_cnt = 1.0 / static_cast<double>(cnt);
@@ -205,8 +310,9 @@ void rows_kernel(const T* S, int64_t ss, const int32_t* lo_p, const int32_t* hi_
   });
 }
 
-void check_rows_inputs(const at::Tensor& S, const at::Tensor& lo, const at::Tensor& hi, int64_t kind,
-                       int64_t variant, double anneal) {
+void check_rows_inputs(const at::Tensor& S, const at::Tensor& lo, const at::Tensor& hi, const at::Tensor& own,
+                       int64_t kind, int64_t variant, double anneal, const std::vector<double>& ks,
+                       const std::vector<double>& k_temperatures) {
   TORCH_CHECK(S.dim() == 2, "pnp_kernels_ext.row_losses_and_dS: S must be 2-D, got ", S.dim(), "-D");
   TORCH_CHECK(S.scalar_type() == at::kFloat || S.scalar_type() == at::kDouble,
               "pnp_kernels_ext.row_losses_and_dS: S must be float32 or float64, got ", S.scalar_type());
@@ -218,42 +324,60 @@ void check_rows_inputs(const at::Tensor& S, const at::Tensor& lo, const at::Tens
   TORCH_CHECK(lo.is_contiguous() && hi.is_contiguous(), "pnp_kernels_ext.row_losses_and_dS: lo/hi must be contiguous");
   TORCH_CHECK(lo.device() == S.device() && hi.device() == S.device(),
               "pnp_kernels_ext.row_losses_and_dS: lo/hi must be on the device of S");
+  TORCH_CHECK(own.scalar_type() == at::kInt && own.dim() == 1 && own.size(0) == S.size(0) && own.is_contiguous(),
+              "pnp_kernels_ext.row_losses_and_dS: own must be a contiguous int32 vector with one entry per row of S");
+  TORCH_CHECK(own.device() == S.device(), "pnp_kernels_ext.row_losses_and_dS: own must be on the device of S");
   TORCH_CHECK(kind >= 0 && kind < kLossKindCount, "pnp_kernels_ext.row_losses_and_dS: loss kind must be 0..",
               kLossKindCount - 1, ", got ", kind);
   TORCH_CHECK(variant >= 0 && variant < kVariantCount, "pnp_kernels_ext.row_losses_and_dS: variant code must be 0..",
               kVariantCount - 1, ", got ", variant);
   TORCH_CHECK(anneal > 0, "pnp_kernels_ext.row_losses_and_dS: anneal must be > 0, got ", anneal);
+  check_recall_params("pnp_kernels_ext.row_losses_and_dS", kind, ks, k_temperatures);
 }
 
+// The kernel's arguments besides the row pointers.
+struct RowArgs {
+  int variant;
+  double anneal, alpha, b;
+  const double* ks;
+  const double* inv_t2;  // 1 / tau2_k
+  int nk;
+};
+
 template <typename T, int KIND>
-void rows_dispatch_grad(const at::Tensor& S, const int32_t* lo_p, const int32_t* hi_p, at::Tensor& loss,
-                        at::Tensor& G, bool compute_grad, int v, double anneal, double alpha, double b) {
+void rows_dispatch_grad(const at::Tensor& S, const int32_t* lo_p, const int32_t* hi_p, const int32_t* own_p,
+                        at::Tensor& loss, at::Tensor& G, bool compute_grad, const RowArgs& a) {
   const int64_t Q = S.size(0), n = S.size(1);
   if (compute_grad)
-    rows_kernel<T, KIND, true>(S.data_ptr<T>(), S.stride(0), lo_p, hi_p, loss.data_ptr<T>(), G.data_ptr<T>(), n,
-                               Q, n, v, anneal, alpha, b);
+    rows_kernel<T, KIND, true>(S.data_ptr<T>(), S.stride(0), lo_p, hi_p, own_p, loss.data_ptr<T>(), G.data_ptr<T>(),
+                               n, Q, n, a.variant, a.anneal, a.alpha, a.b, a.ks, a.inv_t2, a.nk);
   else
-    rows_kernel<T, KIND, false>(S.data_ptr<T>(), S.stride(0), lo_p, hi_p, loss.data_ptr<T>(), nullptr, 0, Q, n,
-                                v, anneal, alpha, b);
+    rows_kernel<T, KIND, false>(S.data_ptr<T>(), S.stride(0), lo_p, hi_p, own_p, loss.data_ptr<T>(), nullptr, 0, Q,
+                                n, a.variant, a.anneal, a.alpha, a.b, a.ks, a.inv_t2, a.nk);
 }
 
 template <typename T>
-void rows_dispatch(int64_t kind, const at::Tensor& S, const int32_t* lo_p, const int32_t* hi_p, at::Tensor& loss,
-                   at::Tensor& G, bool compute_grad, int v, double anneal, double alpha, double b) {
+void rows_dispatch(int64_t kind, const at::Tensor& S, const int32_t* lo_p, const int32_t* hi_p,
+                   const int32_t* own_p, at::Tensor& loss, at::Tensor& G, bool compute_grad, const RowArgs& a) {
   if (kind == kLoss_pnp)
-    rows_dispatch_grad<T, kLoss_pnp>(S, lo_p, hi_p, loss, G, compute_grad, v, anneal, alpha, b);
+    rows_dispatch_grad<T, kLoss_pnp>(S, lo_p, hi_p, own_p, loss, G, compute_grad, a);
+  else if (kind == kLoss_smooth_ap)
+    rows_dispatch_grad<T, kLoss_smooth_ap>(S, lo_p, hi_p, own_p, loss, G, compute_grad, a);
   else
-    rows_dispatch_grad<T, kLoss_smooth_ap>(S, lo_p, hi_p, loss, G, compute_grad, v, anneal, alpha, b);
+    rows_dispatch_grad<T, kLoss_recall_at_k>(S, lo_p, hi_p, own_p, loss, G, compute_grad, a);
 }
 
 std::tuple<at::Tensor, at::Tensor> row_losses_and_dS_cpu(const at::Tensor& S, const at::Tensor& lo,
-                                                    const at::Tensor& hi, int64_t kind, int64_t variant,
-                                                    double anneal, double alpha, double b,
-                                                    bool compute_grad) {
-  check_rows_inputs(S, lo, hi, kind, variant, anneal);
+                                                         const at::Tensor& hi, const at::Tensor& own, int64_t kind,
+                                                         int64_t variant, double anneal, double alpha, double b,
+                                                         at::ArrayRef<double> ks, at::ArrayRef<double> k_temperatures,
+                                                         bool compute_grad) {
+  const std::vector<double> kv(ks.begin(), ks.end()), tv(k_temperatures.begin(), k_temperatures.end());
+  check_rows_inputs(S, lo, hi, own, kind, variant, anneal, kv, tv);
   const int64_t Q = S.size(0), n = S.size(1);
   const int32_t* lo_p = lo.data_ptr<int32_t>();
   const int32_t* hi_p = hi.data_ptr<int32_t>();
+  const int32_t* own_p = own.data_ptr<int32_t>();
   // Validate before anything is allocated; nothing may throw inside the parallel region.
   int64_t bad = -1;
   for (int64_t p = 0; p < Q && bad < 0; ++p) {
@@ -261,14 +385,22 @@ std::tuple<at::Tensor, at::Tensor> row_losses_and_dS_cpu(const at::Tensor& S, co
   }
   TORCH_CHECK(bad < 0, "pnp_kernels_ext.row_losses_and_dS: the positive segment [", bad < 0 ? 0 : lo_p[bad], ", ",
               bad < 0 ? 0 : hi_p[bad], ") of row ", bad, " is out of range for ", n, " columns");
+  if (kind == kLoss_recall_at_k) {
+    for (int64_t p = 0; p < Q && bad < 0; ++p) {
+      if (own_p[p] < -1 || own_p[p] >= n) bad = p;
+    }
+    TORCH_CHECK(bad < 0, "pnp_kernels_ext.row_losses_and_dS: own column ", bad < 0 ? 0 : own_p[bad], " of row ", bad,
+                " is out of range for ", n, " columns (-1: none)");
+  }
   at::Tensor loss = at::empty({Q}, S.options());
   at::Tensor G = compute_grad ? at::empty({Q, n}, S.options()) : at::empty({0}, S.options());
   if (Q == 0) return {loss, G};
-  const int v = static_cast<int>(variant);
+  const std::vector<double> inv_t2 = recall_inv_temperatures(tv);
+  const RowArgs a{static_cast<int>(variant), anneal, alpha, b, kv.data(), inv_t2.data(), static_cast<int>(kv.size())};
   if (S.scalar_type() == at::kFloat)
-    rows_dispatch<float>(kind, S, lo_p, hi_p, loss, G, compute_grad, v, anneal, alpha, b);
+    rows_dispatch<float>(kind, S, lo_p, hi_p, own_p, loss, G, compute_grad, a);
   else
-    rows_dispatch<double>(kind, S, lo_p, hi_p, loss, G, compute_grad, v, anneal, alpha, b);
+    rows_dispatch<double>(kind, S, lo_p, hi_p, own_p, loss, G, compute_grad, a);
   return {loss, G};
 }
 
@@ -324,8 +456,8 @@ at::Tensor symmetrize_cpu(const at::Tensor& G, const at::Tensor& g) {
 
 TORCH_LIBRARY(pnp_kernels_ext, m) {
   m.def(
-      "row_losses_and_dS(Tensor S, Tensor lo, Tensor hi, int kind, int variant, float anneal, float alpha, float b, "
-      "bool compute_grad) -> (Tensor loss, Tensor G)");
+      "row_losses_and_dS(Tensor S, Tensor lo, Tensor hi, Tensor own, int kind, int variant, float anneal, "
+      "float alpha, float b, float[] ks, float[] k_temperatures, bool compute_grad) -> (Tensor loss, Tensor G)");
   m.def("symmetrize(Tensor G, Tensor g) -> Tensor");
 }
 

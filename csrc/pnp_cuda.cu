@@ -22,6 +22,23 @@
 // sum over warps: deterministic. A row with a non-empty segment that does not fit in
 // [0, n) gets a NaN loss and a NaN gradient row instead of an out-of-bounds access
 // (checking it on the host would synchronise).
+//
+// Recall@k (recall_rows_kernel) has the same layout (chunks of kChunk lanes in float,
+// kChunk / 2 in double); its lanes are the positives other than the own column o, and every
+// column but o is ranked. Its coefficients need all lanes of the row (recall_row_terms,
+// pnp_common.h), so it runs in two phases:
+//
+//   phase A, per chunk: r_t = 1 + sum_{k != j_t, o} sigma_tk   (block reduce); thread i < |K|
+//           adds the chunk's share of s_k (recall_k_sums_add); the ranks go to shared memory
+//   then:   thread 0 turns s_k into the row loss and the weights w_k (recall_k_weights);
+//           thread t computes c_t of lanes t, t + kThreads, ... (recall_lane_coef)
+//   phase B, per chunk (gradient): G_k += sum_t c_t sigma'_tk / tau  (owner thread of k),
+//           sigma' sums (block reduce), G_j -= c_j sum_k sigma'_jk / tau  (owner of j)
+//
+// A row with more than kLaneCap lanes does not keep its ranks: phase B recomputes the
+// chunk's r_t (one more sweep) and its c_t. The k values and temperatures (at most kMaxKs)
+// travel by value in the kernel parameters and are copied to shared memory once per block.
+// An own column out of [-1, n) gives a NaN row, as a bad segment does.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -32,6 +49,7 @@
 
 #include <cstdint>
 #include <tuple>
+#include <vector>
 
 #include "pnp_common.h"
 
@@ -41,6 +59,14 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kChunk = 8;
+constexpr int kMaxKs = 64;      // Recall@k: k values per call (kernel parameters, by value)
+constexpr int kLaneCap = 1024;  // Recall@k: lanes whose ranks and coefficients stay in shared memory
+
+// Recall@k's k values and 1 / tau2_k, passed by value (2 kMaxKs doubles: 1 KiB of parameters).
+struct KParams {
+  double k[kMaxKs];
+  double inv_t2[kMaxKs];
+};
 
 __device__ __forceinline__ float exp2_t(float x) { return exp2f(x); }
 __device__ __forceinline__ double exp2_t(double x) { return exp2(x); }
@@ -230,6 +256,203 @@ __global__ void __launch_bounds__(kThreads)
   if (tid == 0) loss[row] = loss_acc * inv_cnt;
 }
 
+// Recall@k, phase A for the lanes of one chunk (columns j[jj]): every thread gets
+// r[jj] = 1 + sum_{k != j[jj], o} sigma_jk.
+template <typename T, int CH>
+__device__ __forceinline__ void recall_ranks(const T* __restrict__ s, int64_t n, int64_t o,
+                                             const int32_t (&j)[CH], const T (&sj)[CH], T scale, T (&r)[CH],
+                                             T* smem) {
+#pragma unroll
+  for (int jj = 0; jj < CH; ++jj) r[jj] = T(0);
+  for (int64_t k = threadIdx.x; k < n; k += kThreads) {
+    if (k == o) continue;  // the own column is not ranked
+    const T sk = s[k];
+#pragma unroll
+    for (int jj = 0; jj < CH; ++jj) {
+      const T sig = sigma_of<T>((sj[jj] - sk) * scale);
+      r[jj] += (k != j[jj]) ? sig : T(0);
+    }
+  }
+  block_sum<T, CH>(r, smem);
+#pragma unroll
+  for (int jj = 0; jj < CH; ++jj) r[jj] += T(1);  // the positive itself is rank 1
+}
+
+// Recall@k, phase B for the lanes of one chunk with coefficients c[jj] (0 on invalid lanes):
+// G_k += sum_jj c_jj sigma'_jk / tau on the ranked columns k != j_jj (the first chunk of the
+// row initialises G, the own column included), then G_j -= c_j sum_k sigma'_jk / tau.
+template <typename T, int CH>
+__device__ __forceinline__ void recall_grad_chunk(const T* __restrict__ s, T* __restrict__ g, int64_t n, int64_t o,
+                                                  const int32_t (&j)[CH], const bool (&pm)[CH], const T (&sj)[CH],
+                                                  const T (&c)[CH], T scale, T inv_tau, bool first, T* smem) {
+  const int tid = threadIdx.x;
+  T Tn[CH];
+#pragma unroll
+  for (int jj = 0; jj < CH; ++jj) Tn[jj] = T(0);
+  for (int64_t k = tid; k < n; k += kThreads) {
+    T acc = T(0);
+    if (k != o) {
+      const T sk = s[k];
+#pragma unroll
+      for (int jj = 0; jj < CH; ++jj) {
+        const T d = (k != j[jj]) ? dsigma_of<T>((sj[jj] - sk) * scale) : T(0);
+        Tn[jj] += d;
+        acc += c[jj] * d;
+      }
+    }
+    const T prev = first ? T(0) : g[k];
+    g[k] = prev + acc * inv_tau;
+  }
+  block_sum<T, CH>(Tn, smem);
+#pragma unroll
+  for (int jj = 0; jj < CH; ++jj) {
+    if (pm[jj] && (j[jj] % kThreads) == tid) g[j[jj]] -= c[jj] * Tn[jj] * inv_tau;
+  }
+}
+
+// The lanes [t0, t0 + CH) of a Recall@k row: their columns (lane t is column lo + t, shifted past
+// the own column when it lies in the segment; -1 past the last lane), validity and similarities.
+template <typename T, int CH>
+__device__ __forceinline__ void recall_lanes(const T* __restrict__ s, int64_t t0, int64_t n_act, int64_t lo,
+                                             int64_t o, bool own_in, int32_t (&j)[CH], bool (&pm)[CH],
+                                             T (&sj)[CH]) {
+#pragma unroll
+  for (int jj = 0; jj < CH; ++jj) {
+    const int64_t t = t0 + jj;
+    pm[jj] = t < n_act;
+    j[jj] = pm[jj] ? static_cast<int32_t>(lo + t + ((own_in && lo + t >= o) ? 1 : 0)) : -1;
+    sj[jj] = pm[jj] ? s[j[jj]] : T(0);
+  }
+}
+
+// Phase A of one chunk: the ranks, kept in lane_buf (when the row fits) and added to s_k.
+template <typename T, int CH>
+__device__ __forceinline__ void recall_phase_a(const T* __restrict__ s, int64_t t0, int64_t n_act, int64_t n,
+                                               int64_t lo, int64_t o, bool own_in, T scale, const double* ks,
+                                               const double* inv_t2, int nk, double* s_k, double* lane_buf,
+                                               bool cached, T* smem) {
+  int32_t j[CH];  // columns < 2^31: they lie in segments of int32 bounds
+  bool pm[CH];
+  T sj[CH], r[CH];
+  recall_lanes<T, CH>(s, t0, n_act, lo, o, own_in, j, pm, sj);
+  recall_ranks<T, CH>(s, n, o, j, sj, scale, r, smem);
+  const int tid = threadIdx.x;
+#pragma unroll
+  for (int jj = 0; jj < CH; ++jj) {  // static indices: r stays in registers
+    if (cached && pm[jj] && tid == jj) lane_buf[t0 + jj] = static_cast<double>(r[jj]);
+  }
+  if (tid < nk) {  // thread i owns s_k[i]: a fixed order over the lanes, no atomics
+    double acc = s_k[tid];
+#pragma unroll
+    for (int jj = 0; jj < CH; ++jj) {
+      if (pm[jj]) recall_k_sums_add<double>(static_cast<double>(r[jj]), ks + tid, inv_t2 + tid, 1, &acc);
+    }
+    s_k[tid] = acc;
+  }
+}
+
+// Phase B of one chunk: the coefficients (from lane_buf, or from the ranks swept again), then G.
+template <typename T, int CH>
+__device__ __forceinline__ void recall_phase_b(const T* __restrict__ s, T* __restrict__ g, int64_t t0,
+                                               int64_t n_act, int64_t n, int64_t lo, int64_t o, bool own_in, T scale,
+                                               T inv_tau, const double* ks, const double* inv_t2, int nk,
+                                               const double* w_k, const double* lane_buf, bool cached, T* smem) {
+  int32_t j[CH];  // columns < 2^31: they lie in segments of int32 bounds
+  bool pm[CH];
+  T sj[CH], c[CH];
+  recall_lanes<T, CH>(s, t0, n_act, lo, o, own_in, j, pm, sj);
+  if (cached) {
+#pragma unroll
+    for (int jj = 0; jj < CH; ++jj) c[jj] = pm[jj] ? static_cast<T>(lane_buf[t0 + jj]) : T(0);
+  } else {
+    T r[CH];
+    recall_ranks<T, CH>(s, n, o, j, sj, scale, r, smem);
+#pragma unroll
+    for (int jj = 0; jj < CH; ++jj)
+      c[jj] = pm[jj] ? static_cast<T>(recall_lane_coef<double>(static_cast<double>(r[jj]), ks, inv_t2, w_k, nk))
+                     : T(0);
+  }
+  recall_grad_chunk<T, CH>(s, g, n, o, j, pm, sj, c, scale, inv_tau, t0 == 0, smem);
+}
+
+template <typename T, bool GRAD>
+__global__ void __launch_bounds__(kThreads)
+    recall_rows_kernel(const T* __restrict__ S, int64_t ss, const int32_t* __restrict__ lo_p,
+                       const int32_t* __restrict__ hi_p, const int32_t* __restrict__ own_p, T* __restrict__ loss,
+                       T* __restrict__ G, int64_t sg, int64_t n, T scale, T inv_tau, const KParams kp, int nk) {
+  // lanes per chunk: kChunk in float, half of it in double (twice the registers per value)
+  constexpr int CH = sizeof(T) == 8 ? kChunk / 2 : kChunk;
+  __shared__ T smem[kWarps * kChunk];
+  __shared__ double kbuf[2 * kMaxKs];    // k values, then 1 / tau2_k
+  __shared__ double sw[kMaxKs];          // s_k, then w_k
+  __shared__ double lane_buf[kLaneCap];  // r_t, then c_t
+  const int64_t row = blockIdx.x;
+  const int tid = threadIdx.x;
+  const int64_t lo = lo_p[row];
+  const int64_t hi = hi_p[row];
+  const int64_t o = own_p[row];
+  const int64_t cnt = hi - lo;
+  const T* s = S + row * ss;
+  T* g = GRAD ? G + row * sg : nullptr;
+
+  if ((cnt >= 1 && (lo < 0 || hi > n)) || o < -1 || o >= n) {  // invalid segment or own column: NaN row
+    const T nan = static_cast<T>(NAN);
+    if (tid == 0) loss[row] = nan;
+    if (GRAD)
+      for (int64_t k = tid; k < n; k += kThreads) g[k] = nan;
+    return;
+  }
+  const bool own_in = o >= lo && o < hi;
+  const int64_t n_act = cnt - (own_in ? 1 : 0);
+  if (cnt < 1 || n_act < 1) {  // no positive besides the own column: dropped, loss 0, zero gradient row
+    if (tid == 0) loss[row] = T(0);
+    if (GRAD)
+      for (int64_t k = tid; k < n; k += kThreads) g[k] = T(0);
+    return;
+  }
+  if (tid == 0) {  // static indices into the parameters: no local-memory copy of kp
+#pragma unroll
+    for (int i = 0; i < kMaxKs; ++i) {
+      if (i < nk) {
+        kbuf[i] = kp.k[i];
+        kbuf[kMaxKs + i] = kp.inv_t2[i];
+      }
+    }
+  }
+  if (tid < nk) sw[tid] = 0.0;
+  __syncthreads();
+  const double* ks = kbuf;
+  const double* inv_t2 = kbuf + kMaxKs;
+  const bool cached = n_act <= kLaneCap;
+  // The chunk width is uniform over the block (it depends on the row only): no divergence.
+  for (int64_t t0 = 0; t0 < n_act; t0 += CH) {
+    if (n_act - t0 <= CH / 2)
+      recall_phase_a<T, CH / 2>(s, t0, n_act, n, lo, o, own_in, scale, ks, inv_t2, nk, sw, lane_buf, cached, smem);
+    else
+      recall_phase_a<T, CH>(s, t0, n_act, n, lo, o, own_in, scale, ks, inv_t2, nk, sw, lane_buf, cached, smem);
+  }
+  __syncthreads();  // s_k and the ranks are complete
+  if (tid == 0) {
+    const double l = recall_k_weights<double>(sw, static_cast<double>(n_act), ks, inv_t2, nk, sw);
+    loss[row] = static_cast<T>(l);
+  }
+  if (!GRAD) return;
+  __syncthreads();  // w_k
+  if (cached) {
+    for (int64_t t = tid; t < n_act; t += kThreads)
+      lane_buf[t] = recall_lane_coef<double>(lane_buf[t], ks, inv_t2, sw, nk);
+    __syncthreads();
+  }
+  for (int64_t t0 = 0; t0 < n_act; t0 += CH) {
+    if (n_act - t0 <= CH / 2)
+      recall_phase_b<T, CH / 2>(s, g, t0, n_act, n, lo, o, own_in, scale, inv_tau, ks, inv_t2, nk, sw, lane_buf,
+                                cached, smem);
+    else
+      recall_phase_b<T, CH>(s, g, t0, n_act, n, lo, o, own_in, scale, inv_tau, ks, inv_t2, nk, sw, lane_buf, cached,
+                            smem);
+  }
+}
+
 // H[a, c] = g_a G[a, c] + g_c G[c, a]; 32 x 32 tiles, the transposed tile via shared memory.
 template <typename T>
 __global__ void symmetrize_kernel(const T* __restrict__ G, int64_t sg, const T* __restrict__ gv,
@@ -266,19 +489,38 @@ void launch_rows(const at::Tensor& S, const at::Tensor& lo, const at::Tensor& hi
 }
 
 template <typename T>
+void launch_recall_rows(const at::Tensor& S, const at::Tensor& lo, const at::Tensor& hi, const at::Tensor& own,
+                        at::Tensor& loss, at::Tensor& G, bool compute_grad, double anneal, const KParams& kp, int nk,
+                        cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(S.size(0)));
+  const T sc = static_cast<T>(kLog2e / anneal), it = static_cast<T>(1.0 / anneal);
+  if (compute_grad)
+    recall_rows_kernel<T, true><<<grid, kThreads, 0, stream>>>(
+        S.data_ptr<T>(), S.stride(0), lo.data_ptr<int32_t>(), hi.data_ptr<int32_t>(), own.data_ptr<int32_t>(),
+        loss.data_ptr<T>(), G.data_ptr<T>(), G.stride(0), S.size(1), sc, it, kp, nk);
+  else
+    recall_rows_kernel<T, false><<<grid, kThreads, 0, stream>>>(
+        S.data_ptr<T>(), S.stride(0), lo.data_ptr<int32_t>(), hi.data_ptr<int32_t>(), own.data_ptr<int32_t>(),
+        loss.data_ptr<T>(), nullptr, 0, S.size(1), sc, it, kp, nk);
+}
+
+template <typename T>
 void launch_rows_kind(int64_t kind, const at::Tensor& S, const at::Tensor& lo, const at::Tensor& hi,
-                      at::Tensor& loss, at::Tensor& G, bool compute_grad, int variant, double anneal, double alpha,
-                      double b, cudaStream_t stream) {
+                      const at::Tensor& own, at::Tensor& loss, at::Tensor& G, bool compute_grad, int variant,
+                      double anneal, double alpha, double b, const KParams& kp, int nk, cudaStream_t stream) {
   if (kind == kLoss_pnp)
     launch_rows<T, kLoss_pnp>(S, lo, hi, loss, G, compute_grad, variant, anneal, alpha, b, stream);
-  else
+  else if (kind == kLoss_smooth_ap)
     launch_rows<T, kLoss_smooth_ap>(S, lo, hi, loss, G, compute_grad, variant, anneal, alpha, b, stream);
+  else
+    launch_recall_rows<T>(S, lo, hi, own, loss, G, compute_grad, anneal, kp, nk, stream);
 }
 
 std::tuple<at::Tensor, at::Tensor> row_losses_and_dS_cuda(const at::Tensor& S, const at::Tensor& lo,
-                                                     const at::Tensor& hi, int64_t kind, int64_t variant,
-                                                     double anneal, double alpha, double b,
-                                                     bool compute_grad) {
+                                                          const at::Tensor& hi, const at::Tensor& own, int64_t kind,
+                                                          int64_t variant, double anneal, double alpha, double b,
+                                                          at::ArrayRef<double> ks,
+                                                          at::ArrayRef<double> k_temperatures, bool compute_grad) {
   TORCH_CHECK(S.dim() == 2, "pnp_kernels_ext.row_losses_and_dS: S must be 2-D");
   TORCH_CHECK(S.scalar_type() == at::kFloat || S.scalar_type() == at::kDouble,
               "pnp_kernels_ext.row_losses_and_dS: S must be float32 or float64, got ", S.scalar_type());
@@ -289,11 +531,27 @@ std::tuple<at::Tensor, at::Tensor> row_losses_and_dS_cuda(const at::Tensor& S, c
               "pnp_kernels_ext.row_losses_and_dS: lo/hi must be contiguous int32 vectors, one entry per row");
   TORCH_CHECK(lo.device() == S.device() && hi.device() == S.device(),
               "pnp_kernels_ext.row_losses_and_dS: lo/hi must be on the device of S");
+  TORCH_CHECK(own.scalar_type() == at::kInt && own.dim() == 1 && own.size(0) == S.size(0) && own.is_contiguous(),
+              "pnp_kernels_ext.row_losses_and_dS: own must be a contiguous int32 vector with one entry per row of S");
+  TORCH_CHECK(own.device() == S.device(), "pnp_kernels_ext.row_losses_and_dS: own must be on the device of S");
   TORCH_CHECK(kind >= 0 && kind < kLossKindCount, "pnp_kernels_ext.row_losses_and_dS: loss kind must be 0..",
               kLossKindCount - 1, ", got ", kind);
   TORCH_CHECK(variant >= 0 && variant < kVariantCount, "pnp_kernels_ext.row_losses_and_dS: variant code must be 0..",
               kVariantCount - 1, ", got ", variant);
   TORCH_CHECK(anneal > 0, "pnp_kernels_ext.row_losses_and_dS: anneal must be > 0, got ", anneal);
+  const std::vector<double> kv(ks.begin(), ks.end()), tv(k_temperatures.begin(), k_temperatures.end());
+  check_recall_params("pnp_kernels_ext.row_losses_and_dS", kind, kv, tv);
+  KParams kp{};
+  int nk = 0;
+  if (kind == kLoss_recall_at_k) {
+    TORCH_CHECK(kv.size() <= static_cast<size_t>(kMaxKs), "pnp_kernels_ext.row_losses_and_dS: ks: the CUDA kernels "
+                "take at most ", kMaxKs, " k values, got ", kv.size());
+    nk = static_cast<int>(kv.size());
+    for (int i = 0; i < nk; ++i) {
+      kp.k[i] = kv[i];
+      kp.inv_t2[i] = 1.0 / tv[i];
+    }
+  }
   const c10::cuda::CUDAGuard guard(S.device());
   const int64_t Q = S.size(0);
   at::Tensor loss = at::empty({Q}, S.options());
@@ -303,9 +561,9 @@ std::tuple<at::Tensor, at::Tensor> row_losses_and_dS_cuda(const at::Tensor& S, c
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int v = static_cast<int>(variant);
   if (S.scalar_type() == at::kFloat)
-    launch_rows_kind<float>(kind, S, lo, hi, loss, G, compute_grad, v, anneal, alpha, b, stream);
+    launch_rows_kind<float>(kind, S, lo, hi, own, loss, G, compute_grad, v, anneal, alpha, b, kp, nk, stream);
   else
-    launch_rows_kind<double>(kind, S, lo, hi, loss, G, compute_grad, v, anneal, alpha, b, stream);
+    launch_rows_kind<double>(kind, S, lo, hi, own, loss, G, compute_grad, v, anneal, alpha, b, kp, nk, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {loss, G};
 }

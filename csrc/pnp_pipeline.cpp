@@ -12,16 +12,19 @@
 // a device value on the host (no synchronisation): the segments come from
 // searchsorted on the sorted labels, so they are valid by construction.
 //
-//   loss_forward(E, labels, kind, variant, anneal, alpha, b, cosine, mean, compute_grad)
-//       -> (out, n_valid, Xs, perm, lo, hi, denom, G)     (Xs .. denom: spec.SquarePrep)
+//   loss_forward(E, labels, kind, variant, anneal, alpha, b, ks, k_temperatures, cosine, mean,
+//                compute_grad) -> (out, n_valid, Xs, perm, lo, hi, denom, G)   (Xs .. denom: spec.SquarePrep)
 //   loss_backward(grad_out, n_valid, Xs, perm, lo, hi, denom, G, cosine, mean, out_dtype) -> dE
 //
 // Segments: row p of the sorted batch has the positives [lo_p, hi_p) = its class,
 // its own copy included. A query whose class has no other member has no positive to
 // rank (its only positive would be itself), so it gets the empty segment hi = lo,
 // which row_losses_and_dS drops (loss 0, zero gradient row); n_valid = #{p : hi_p > lo_p}.
+// Row p's own column is p itself (own = arange): Recall@k leaves it out, so a class of two
+// or more always leaves each of its rows at least one positive, and n_valid is the same count.
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/arange.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/index_select.h>
@@ -35,6 +38,9 @@
 #include <torch/library.h>
 
 #include <tuple>
+#include <vector>
+
+#include "pnp_common.h"
 
 namespace pnp_ext {
 namespace {
@@ -43,15 +49,18 @@ constexpr double kNormEps = 1e-12;   // F.normalize's eps (pipeline.NORM_EPS)
 constexpr double kHalfMax = 65504.0;  // largest float16 (pipeline.HALF_MAX)
 
 using RowsFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                  int64_t, int64_t, double, double, double, bool);
+                                                  const at::Tensor&, int64_t, int64_t, double, double, double,
+                                                  at::ArrayRef<double>, at::ArrayRef<double>, bool);
 using SymFn = at::Tensor(const at::Tensor&, const at::Tensor&);
 
 std::tuple<at::Tensor, at::Tensor> call_row_losses_and_dS(const at::Tensor& S, const at::Tensor& lo,
-                                                     const at::Tensor& hi, int64_t kind, int64_t variant,
-                                                     double anneal, double alpha, double b, bool compute_grad) {
+                                                          const at::Tensor& hi, const at::Tensor& own, int64_t kind,
+                                                          int64_t variant, double anneal, double alpha, double b,
+                                                          at::ArrayRef<double> ks,
+                                                          at::ArrayRef<double> k_temperatures, bool compute_grad) {
   static const auto op =
       c10::Dispatcher::singleton().findSchemaOrThrow("pnp_kernels_ext::row_losses_and_dS", "").typed<RowsFn>();
-  return op.call(S, lo, hi, kind, variant, anneal, alpha, b, compute_grad);
+  return op.call(S, lo, hi, own, kind, variant, anneal, alpha, b, ks, k_temperatures, compute_grad);
 }
 
 at::Tensor call_symmetrize(const at::Tensor& G, const at::Tensor& g) {
@@ -64,11 +73,14 @@ using ForwardOut =
     std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 ForwardOut loss_forward(const at::Tensor& E, const at::Tensor& labels, int64_t kind, int64_t variant,
-                        double anneal, double alpha, double b, bool cosine, bool mean, bool compute_grad) {
+                        double anneal, double alpha, double b, at::ArrayRef<double> ks,
+                        at::ArrayRef<double> k_temperatures, bool cosine, bool mean, bool compute_grad) {
   TORCH_CHECK(E.dim() == 2, "pnp_kernels_ext.loss_forward: embeddings must be 2-D");
   TORCH_CHECK(labels.dim() == 1 && labels.size(0) == E.size(0) && labels.scalar_type() == at::kLong,
               "pnp_kernels_ext.loss_forward: labels must be an int64 vector with one entry per embedding");
   TORCH_CHECK(labels.device() == E.device(), "pnp_kernels_ext.loss_forward: labels must be on the embeddings' device");
+  check_recall_params("pnp_kernels_ext.loss_forward", kind, std::vector<double>(ks.begin(), ks.end()),
+                      std::vector<double>(k_temperatures.begin(), k_temperatures.end()));
   const at::ScalarType cdt = E.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 
   // Stable sort by label: each row's class is the segment [lo, hi) of the sorted order.
@@ -89,7 +101,9 @@ ForwardOut loss_forward(const at::Tensor& E, const at::Tensor& labels, int64_t k
   at::Tensor per_row, G;
   {
     at::Tensor S = at::mm(Xs, Xs.t());
-    std::tie(per_row, G) = call_row_losses_and_dS(S, lo, hi, kind, variant, anneal, alpha, b, compute_grad);
+    const at::Tensor own = at::arange(E.size(0), lo.options());
+    std::tie(per_row, G) = call_row_losses_and_dS(S, lo, hi, own, kind, variant, anneal, alpha, b, ks,
+                                                  k_temperatures, compute_grad);
   }  // S freed here: at most two B x B buffers alive at once
 
   // row_losses_and_dS writes 0 for dropped queries (empty segments), so the reduction
@@ -134,7 +148,8 @@ at::Tensor loss_backward(const at::Tensor& grad_out, const at::Tensor& n_valid, 
 TORCH_LIBRARY_FRAGMENT(pnp_kernels_ext, m) {
   m.def(
       "loss_forward(Tensor E, Tensor labels, int kind, int variant, float anneal, float alpha, float b, "
-      "bool cosine, bool mean, bool compute_grad) -> (Tensor out, Tensor n_valid, Tensor Xs, Tensor perm, "
+      "float[] ks, float[] k_temperatures, bool cosine, bool mean, bool compute_grad) -> (Tensor out, "
+      "Tensor n_valid, Tensor Xs, Tensor perm, "
       "Tensor lo, Tensor hi, Tensor denom, Tensor G)");
   m.def(
       "loss_backward(Tensor grad_out, Tensor n_valid, Tensor Xs, Tensor perm, Tensor lo, Tensor hi, "

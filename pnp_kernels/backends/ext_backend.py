@@ -56,11 +56,14 @@ class ExtBackend(Backend):
             S,
             lo.contiguous(),
             hi.contiguous(),
+            own.to(device=S.device, dtype=torch.int32).contiguous(),
             spec.kind,
             spec.variant.code,
             spec.anneal,
             spec.alpha,
             spec.b,
+            list(spec.ks),
+            list(spec.k_temperatures),
             compute_grad,
         )
         return loss, (G if compute_grad else None)
@@ -69,6 +72,79 @@ class ExtBackend(Backend):
         if G.shape[1] > 0 and G.stride(1) != 1:
             G = G.contiguous()
         return ext_build.ops().symmetrize(G, g.to(device=G.device, dtype=G.dtype).contiguous())
+
+    # ---- the memory-efficient stage: csrc/pnp_tiled.cpp (strips of rows, the dense row kernel) ----
+
+    @staticmethod
+    def _tiled_args(Xq, Xr, lo, hi, own, spec: LossSpec) -> tuple:
+        idx = lambda t: t.to(device=Xq.device, dtype=torch.int32).contiguous()  # noqa: E731
+        return (
+            Xq.contiguous(),
+            Xr.contiguous(),
+            idx(lo),
+            idx(hi),
+            idx(own),
+            spec.kind,
+            spec.variant.code,
+            spec.anneal,
+            spec.alpha,
+            spec.b,
+            list(spec.ks),
+            list(spec.k_temperatures),
+        )
+
+    def tiled_rows(
+        self,
+        Xq: torch.Tensor,
+        Xr: torch.Tensor,
+        lo: torch.Tensor,
+        hi: torch.Tensor,
+        own: torch.Tensor,
+        spec: LossSpec,
+        compute_grad: bool,
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Row losses in strips of rows, no Q x M buffer. The state: with ``reduction="mean"``
+        (equal row weights) the gradient with unit weights, (Q + M, D) = [G Xr; G^T Xq],
+        finished in this one pass; otherwise a (0,) tensor, and :meth:`tiled_grads`
+        recomputes the strips with the row weights."""
+        finish = compute_grad and spec.mean
+        loss, grad = ext_build.ops().tiled_rows(*self._tiled_args(Xq, Xr, lo, hi, own, spec), finish, 0)
+        if not compute_grad:
+            return loss, None
+        return loss, (grad if finish else loss.new_empty(0))
+
+    def tiled_grads(
+        self,
+        Xq: torch.Tensor,
+        Xr: torch.Tensor,
+        lo: torch.Tensor,
+        hi: torch.Tensor,
+        own: torch.Tensor,
+        state: torch.Tensor,
+        g: torch.Tensor,
+        spec: LossSpec,
+        need_q: bool,
+        need_r: bool,
+        r_rows: Optional[torch.Tensor] = None,
+    ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """(dXq, dXr) from the state of :meth:`tiled_rows`: scaled from the finished unit-weight
+        gradient when the row weights are provably equal (an expanded scalar, as
+        ``Backend.row_weights`` makes for "mean"; checked from the strides, without reading
+        a device value), else recomputed strip by strip with the weights g."""
+        Q = Xq.shape[0]
+        equal = Q <= 1 or g.stride(0) == 0  # before the cast, which may copy the expanded view
+        g = g.to(Xq.dtype)
+        if state.dim() == 2 and equal:
+            dXq = state[:Q] * g[:, None] if need_q else None
+            dXr = None
+            if need_r:
+                dXr = state[Q:] * g[:1, None] if Q else torch.zeros_like(state[Q:])
+            return dXq, dXr
+        args = self._tiled_args(Xq, Xr, lo, hi, own, spec)
+        dXq, dXr = ext_build.ops().tiled_grads(
+            *args[:5], g.to(Xq.device).contiguous(), r_rows, *args[5:], need_q, need_r, 0
+        )
+        return (dXq if need_q else None), (dXr if need_r else None)
 
     def loss_forward(self, E: torch.Tensor, labels: torch.Tensor, spec: LossSpec, compute_grad: bool) -> ForwardResult:
         if spec.memory_efficient:
@@ -81,6 +157,8 @@ class ExtBackend(Backend):
             spec.anneal,
             spec.alpha,
             spec.b,
+            list(spec.ks),
+            list(spec.k_temperatures),
             spec.cosine,
             spec.mean,
             compute_grad,

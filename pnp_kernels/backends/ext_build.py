@@ -542,18 +542,33 @@ def _selfcheck() -> int:  # pragma: no cover - manual / GPU-machine tool
         S64 = torch.nn.functional.normalize(torch.randn(Q + M, 16, generator=gen, dtype=torch.float64), dim=1)
         S64 = S64[:Q] @ S64[Q:].t()
         cases.append((S64, lo, hi))
+    ks, k_temps = [1.0, 2.0, 4.0], [1.0, 2.0, 4.0]  # Recall@k's k values and tau2_k
     for dev in devices:
         for S64, lo, hi in cases:
             w = 0.5 + torch.rand(S64.shape[0], generator=gen, dtype=torch.float64)
+            own = lo.clone()  # own columns: a segment's first column on odd rows, none on even rows
+            own[::2] = -1
             for kind_name, kind in LOSS_KINDS.items():
                 for v in VARIANTS.values() if kind_name == "pnp" else (VARIANTS["O"],):
                     Sr = S64.clone().requires_grad_(True)
-                    ref_l = row_losses_reference(Sr, lo, hi, kind=kind, variant=v.name, anneal=0.05, alpha=1.3, b=2.0)
+                    ref_l = row_losses_reference(
+                        Sr,
+                        lo,
+                        hi,
+                        own,
+                        kind=kind,
+                        variant=v.name,
+                        anneal=0.05,
+                        alpha=1.3,
+                        b=2.0,
+                        ks=ks,
+                        k_temperatures=k_temps,
+                    )
                     (ref_G,) = torch.autograd.grad((ref_l * w).sum(), Sr)
                     ref_G = ref_G / w[:, None]
                     for dtype in (torch.float32, torch.float64):
                         S = S64.to(dev, dtype)
-                        args = (lo.to(dev), hi.to(dev), kind, v.code, 0.05, 1.3, 2.0, True)
+                        args = (lo.to(dev), hi.to(dev), own.to(dev), kind, v.code, 0.05, 1.3, 2.0, ks, k_temps, True)
                         l, G = o.row_losses_and_dS(S, *args)
                         l2, G2 = o.row_losses_and_dS(S, *args)
                         det = torch.equal(l, l2) and torch.equal(G, G2)

@@ -46,6 +46,9 @@ LOSSES = {
     "pnp_o_dot": dict(kind="pnp", variant="O", anneal=0.1, similarity="dot"),
     "smooth_ap": dict(kind="smooth_ap", temperature=0.05),
     "recall_at_k": dict(kind="recall_at_k", k=(1, 2, 4), temperature=0.05),
+    # the memory-efficient path (no Q x M buffer) on every rank
+    "pnp_dq_me": dict(kind="pnp", variant="Dq", alpha=2.0, anneal=0.05, memory_efficient=True),
+    "recall_at_k_me": dict(kind="recall_at_k", k=(1, 2, 4), temperature=0.05, memory_efficient=True),
 }
 
 

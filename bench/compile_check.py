@@ -24,6 +24,7 @@ the include path for this compile-only check (nothing is linked or loaded).
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import re
 import subprocess
@@ -245,42 +246,47 @@ def _tiled_specializations():
         for xdt, has_norm, (s_prec, g_split, g_prec) in dtypes:
             if xdt != "fp32" and not main_kind:
                 continue
-            for grad in (False, True):
+            # (COMPUTE_GRAD, WITH_LOSS): the forward without and with gradient, and the backward's
+            # recomputation of a window of lanes (main kinds)
+            for grad, with_loss in ((False, True), (True, True)) + (((True, False),) if main_kind else ()):
                 sig = {
                     **{n: f"*{xdt}" for n in ("xq_ptr", "xr_ptr")},
                     **{n: "*fp32" for n in ("iq_ptr", "ir_ptr")},
                     **{n: "*i32" for n in ("lo_ptr", "hi_ptr", "own_ptr")},
                     **{n: "*fp32" for n in ("kp_ptr", "loss_ptr", "st_ptr")},
-                    **{n: i32 for n in ("Q", "M", "D", "stride_q", "stride_r", "n_lanes")},
+                    **{n: i32 for n in ("Q", "M", "D", "stride_q", "stride_r", "n_lanes", "n_cap", "lane0")},
                     **{n: f32 for n in ("zscale", "inv_tau", "alpha", "beta")},
                 }
-                consts = dict(LOSS=kind, VARIANT=variant, COMPUTE_GRAD=grad, HAS_NORM=has_norm, S_PREC=s_prec)
+                consts = dict(LOSS=kind, VARIANT=variant, COMPUTE_GRAD=grad, WITH_LOSS=with_loss)
+                consts.update(HAS_NORM=has_norm, S_PREC=s_prec)
                 consts.update(NUM_K=num_k, K_BLOCK=k_block, BLOCK_M=cfg.fwd_mn[0], BLOCK_N=cfg.fwd_mn[1])
                 consts.update(BLOCK_D=cfg.block_d, BLOCK_P=cfg.block_p)
                 sig.update({k: "constexpr" for k in consts})
-                name = f"_tiled_fwd_kernel[{label},{xdt},grad={grad}]"
+                name = f"_tiled_fwd_kernel[{label},{xdt},grad={grad}{'' if with_loss else ',window'}]"
                 out.append((name, tt._tiled_fwd_kernel, sig, consts, opts))
             if not main_kind:
                 continue
-            for which, kernel, (bm, bn) in (
-                ("rows", tt._tiled_bwd_rows_kernel, cfg.rows_mn),
-                ("cols", tt._tiled_bwd_cols_kernel, cfg.cols_mn),
+            for (which, kernel, (bm, bn)), accum in itertools.product(
+                (("rows", tt._tiled_bwd_rows_kernel, cfg.rows_mn), ("cols", tt._tiled_bwd_cols_kernel, cfg.cols_mn)),
+                (False, True),
             ):
                 sig = {
                     **{n: f"*{xdt}" for n in ("xq_ptr", "xr_ptr")},
                     **{n: "*fp32" for n in ("iq_ptr", "ir_ptr")},
                     **{n: "*i32" for n in ("lo_ptr", "hi_ptr", "own_ptr")},
                     **{n: "*fp32" for n in ("st_ptr", "g_ptr")},
-                    **({"live_ptr": "*i8"} if which == "cols" else {}),
+                    **({"live_ptr": "*i8", "pmax_ptr": "*i32"} if which == "cols" else {}),
                     ("dxq_ptr" if which == "rows" else "dxr_ptr"): "*fp32",
-                    **{n: i32 for n in ("Q", "M", "D", "stride_q", "stride_r", "stride_o", "n_lanes")},
+                    **{n: i32 for n in ("Q", "M", "D", "stride_q", "stride_r", "stride_o")},
+                    **{n: i32 for n in ("n_lanes", "n_cap", "lane0")},
                     **{n: f32 for n in ("zscale", "inv_tau")},
                 }
                 consts = dict(LOSS=kind, HAS_NORM=has_norm, **({"HAS_LIVE": False} if which == "cols" else {}))
-                consts.update(S_PREC=s_prec, G_SPLIT=g_split, G_PREC=g_prec, BLOCK_M=bm, BLOCK_N=bn)
+                consts.update(S_PREC=s_prec, G_SPLIT=g_split, G_PREC=g_prec, ACCUM=accum, BLOCK_M=bm, BLOCK_N=bn)
                 consts.update(BLOCK_D=cfg.block_d, BLOCK_P=cfg.block_p, BLOCK_DO=cfg.block_do)
                 sig.update({k: "constexpr" for k in consts})
-                out.append((f"_tiled_bwd_{which}_kernel[{label},{xdt}]", kernel, sig, consts, opts))
+                name = f"_tiled_bwd_{which}_kernel[{label},{xdt}{',accum' if accum else ''}]"
+                out.append((name, kernel, sig, consts, opts))
     return out
 
 

@@ -286,6 +286,16 @@ def sync_free(device, backends):
         "pnp": lambda b: pnp_loss(E, y, variant="Dq", backend=b),
         "smooth_ap": lambda b: smooth_ap_loss(E, y, backend=b),
         "pnp vs reference set": lambda b: pnp_loss(E, y, R, yr, backend=b),
+        "recall@k": lambda b: recall_at_k_loss(E, y, backend=b),
+        "pnp memory-efficient": lambda b: pnp_loss(E, y, variant="Dq", backend=b, memory_efficient=True),
+        "recall@k memory-efficient, bf16": lambda b: recall_at_k_loss(
+            E.bfloat16(), y, backend=b, memory_efficient=True
+        ),
+        # 4096 rows of one class: more positives than the Triton state keeps at once (128 lanes
+        # a row), so its backward also runs windows of recomputed state
+        "smooth_ap memory-efficient, one class of 4096": lambda b: smooth_ap_loss(
+            E.repeat(11, 1)[:4096], torch.zeros(4096, dtype=y.dtype, device=y.device), backend=b, memory_efficient=True
+        ),
     }
     for backend, (what, step) in itertools.product(backends, steps.items()):
         step(backend).backward()  # warm-up: compile kernels, allocate

@@ -15,10 +15,9 @@
 //               float[] k_temperatures, bool need_q, bool need_r, int block_rows)
 //       -> (Tensor dXq, Tensor dXr)
 //       dXq = diag(g) G Xr (Q, D) if need_q, dXr = G^T diag(g) Xq (M, D) if need_r (else (0,)
-//       tensors), for any row weights g (Q,). r_rows (bool (M,), optional): the reference rows
-//       whose dXr is needed; on the CPU only those columns enter the dXr product (the other
-//       rows are 0); on CUDA every row is computed (selecting them without reading the
-//       count on the host is not possible), which is also a valid answer.
+//       tensors), for any row weights g (Q,). r_rows (int64 (r,), optional): the distinct
+//       reference rows whose dXr is needed; only those columns of G enter the dXr products
+//       (the other rows of dXr are 0), on the CPU and on CUDA alike.
 //
 //   Xq (Q, D) and Xr (M, D): float32 or float64, same dtype and device; lo, hi, own: int32
 //   (Q,), as in row_losses_and_dS (pnp_common.h); block_rows: rows per strip, 0 = automatic.
@@ -63,7 +62,6 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
-#include <ATen/ops/nonzero.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 #include <c10/util/Exception.h>
@@ -262,13 +260,20 @@ std::tuple<at::Tensor, at::Tensor> tiled_grads(const at::Tensor& Xq_, const at::
   if (!need_q && !need_r) return {dXq, dXr};
   at::Tensor cols, acc = need_r ? dXr : at::Tensor();
   if (need_r && r_rows.has_value() && r_rows->defined()) {
-    const at::Tensor& rr = *r_rows;
-    TORCH_CHECK(rr.dim() == 1 && rr.size(0) == M && rr.scalar_type() == at::kBool && rr.device() == Xq.device(), op,
-                ": r_rows must be a bool vector on Xq's device with one entry per row of Xr");
-    if (Xq.is_cpu()) {  // only the needed columns (their count is known on the host)
-      cols = at::nonzero(rr).select(1, 0);
-      acc = at::zeros({cols.size(0), D}, Xq.options());
+    cols = *r_rows;  // only these columns enter the dXr products (their count is a shape: no sync)
+    TORCH_CHECK(cols.dim() == 1 && cols.scalar_type() == at::kLong && cols.device() == Xq.device(), op,
+                ": r_rows must be an int64 vector of distinct row indices of Xr on Xq's device");
+    if (cols.is_cpu()) {  // on CUDA the check would synchronise
+      cols = cols.contiguous();
+      const int64_t* c = cols.data_ptr<int64_t>();
+      std::vector<bool> seen(static_cast<size_t>(M), false);
+      for (int64_t i = 0; i < cols.numel(); ++i) {
+        TORCH_CHECK(c[i] >= 0 && c[i] < M, op, ": r_rows must hold row indices of Xr in 0..", M - 1, ", got ", c[i]);
+        TORCH_CHECK(!seen[c[i]], op, ": r_rows must hold distinct row indices, ", c[i], " repeats");
+        seen[c[i]] = true;
+      }
     }
+    acc = at::zeros({cols.size(0), D}, Xq.options());
   }
   sweep(Xq, Xr, lo, hi, own, s, g.contiguous(), cols, at::Tensor(), need_q ? dXq : at::Tensor(), acc, block_rows);
   if (cols.defined()) dXr.index_copy_(0, cols, acc);

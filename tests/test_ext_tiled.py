@@ -173,13 +173,14 @@ def test_ops_r_rows_and_need_flags():
     g = _weights(Q)
     args = _spec_args(LOSS_KINDS["smooth_ap"], VARIANTS["O"])
     dXq, dXr = _ops().tiled_grads(Xq, Xr, lo, hi, own, g, None, *args, True, True, 0)
+    rows = torch.randperm(M, generator=torch.Generator().manual_seed(2))[:9]  # distinct, any order
     live = torch.zeros(M, dtype=torch.bool)
-    live[torch.randperm(M, generator=torch.Generator().manual_seed(2))[:9]] = True
-    q2, r2 = _ops().tiled_grads(Xq, Xr, lo, hi, own, g, live, *args, False, True, 0)
+    live[rows] = True
+    q2, r2 = _ops().tiled_grads(Xq, Xr, lo, hi, own, g, rows, *args, False, True, 0)
     assert q2.shape == (0,) and r2.shape == (M, Xq.shape[1])
     assert (r2[~live] == 0).all()
     torch.testing.assert_close(r2[live], dXr[live], rtol=1e-12, atol=1e-15)
-    q3, r3 = _ops().tiled_grads(Xq, Xr, lo, hi, own, g, live, *args, True, False, 0)
+    q3, r3 = _ops().tiled_grads(Xq, Xr, lo, hi, own, g, rows, *args, True, False, 0)
     assert r3.shape == (0,) and torch.equal(q3, dXq)
     q4, r4 = _ops().tiled_grads(Xq, Xr, lo, hi, own, g, None, *args, False, False, 0)
     assert q4.shape == (0,) and r4.shape == (0,)
@@ -268,21 +269,27 @@ def test_ops_errors():
     g = _weights(Xq.shape[0])
     with pytest.raises(RuntimeError, match="g must be a vector"):
         ops.tiled_grads(Xq, Xr, lo, hi, own, g[:-1], None, *args, True, True, 0)
-    with pytest.raises(RuntimeError, match="r_rows must be a bool vector"):
-        ops.tiled_grads(Xq, Xr, lo, hi, own, g, torch.ones(Xr.shape[0]), *args, True, True, 0)
+    with pytest.raises(RuntimeError, match="r_rows must be an int64 vector"):
+        ops.tiled_grads(Xq, Xr, lo, hi, own, g, torch.ones(Xr.shape[0], dtype=torch.bool), *args, True, True, 0)
+    with pytest.raises(RuntimeError, match="r_rows must hold row indices of Xr in 0..60, got 61"):
+        ops.tiled_grads(Xq, Xr, lo, hi, own, g, torch.tensor([3, 61]), *args, True, True, 0)
+    with pytest.raises(RuntimeError, match="r_rows must hold distinct row indices, 3 repeats"):
+        ops.tiled_grads(Xq, Xr, lo, hi, own, g, torch.tensor([3, 5, 3]), *args, True, True, 0)
 
 
 # --------------------------------------------------------------------------------- the backend methods
 
 
 @pytest.mark.parametrize("kind_name,kind", KINDS)
-def test_backend_state_equal_and_unequal_weights(kind_name, kind):
-    """With "mean" the state is the forward's unit-weight gradient, scaled by an expanded (equal) weight; any
-    other weight vector is recomputed from the strips. "none": nothing kept, recomputed."""
+@pytest.mark.parametrize("case", ["square", "rect"])
+def test_backend_state_equal_and_unequal_weights(kind_name, kind, case):
+    """Square mode with "mean": the state is the forward's unit-weight gradient, scaled by an expanded (equal)
+    weight; any other weight vector is recomputed from the strips. "none", and any reference set (which may need
+    dXr for a few rows, or none): nothing kept, recomputed."""
     be = get_backend("ext")
-    Xq, Xr, lo, hi, own = _case("rect")
+    Xq, Xr, lo, hi, own = _case(case)
     Q = Xq.shape[0]
-    ref_loss, dS = _oracle("rect", kind, "O")
+    ref_loss, dS = _oracle(case, kind, "O")
     for mean in (True, False):
         spec = LossSpec(
             kind=kind,
@@ -296,13 +303,13 @@ def test_backend_state_equal_and_unequal_weights(kind_name, kind):
         )
         loss, state = be.tiled_rows(Xq, Xr, lo, hi, own, spec, True)
         assert _rel(loss, ref_loss) <= 1e-12
-        assert state.shape == ((Q + Xr.shape[0], Xq.shape[1]) if mean else (0,))
+        assert state.shape == ((Q + Xr.shape[0], Xq.shape[1]) if mean and Xq is Xr else (0,))
         for g in (torch.tensor([0.7], dtype=torch.float64).expand(Q), _weights(Q)):
             dXq, dXr = be.tiled_grads(Xq, Xr, lo, hi, own, state, g, spec, True, True)
             dSw = dS * g[:, None]
             assert _rel(dXq, dSw @ Xr) <= 1e-12 and _rel(dXr, dSw.t() @ Xq) <= 1e-12
         live = torch.arange(Xr.shape[0]) % 3 == 1  # r_rows: the rows whose dXr is needed
-        dXq, dXr = be.tiled_grads(Xq, Xr, lo, hi, own, state, _weights(Q), spec, False, True, live)
+        dXq, dXr = be.tiled_grads(Xq, Xr, lo, hi, own, state, _weights(Q), spec, False, True, live.nonzero()[:, 0])
         assert dXq is None and dXr.shape == Xr.shape
         assert _rel(dXr[live], ((dS * _weights(Q)[:, None]).t() @ Xq)[live]) <= 1e-12
         _, none_state = be.tiled_rows(Xq, Xr, lo, hi, own, spec, False)

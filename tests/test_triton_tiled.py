@@ -103,13 +103,70 @@ def test_kernels_match_float64_oracle(name, spec):
     ref_loss, ref_dq, ref_dr = _oracle(Xq, Xr, lo, hi, own, g, spec)
     xq, xr, lo_d, hi_d, own_d, g_d = _to_dev(Xq.float(), Xr.float(), lo, hi, own, g.float())
     loss, state = tt.tiled_rows(xq, xr, lo_d, hi_d, own_d, spec, True)
-    assert state.shape == (Xq.shape[0], int((hi - lo).max()), tt.STATE_SLOTS)
+    n_cap = tt.lane_capacity(Xq.shape[0], Xr.shape[0], Xr.shape[0], tt.STATE_BUDGET_BYTES, tt.config().block_p)
+    assert n_cap >= Xr.shape[0]  # the whole row fits: one window
+    assert state.shape == (Xq.shape[0], n_cap + tt._k_slots(spec), tt.STATE_SLOTS)
     dq, dr = tt.tiled_grads(xq, xr, lo_d, hi_d, own_d, state, g_d, spec, True, True)
     assert rel_err(loss, ref_loss) <= TOL32
     assert rel_err(dq, ref_dq) <= TOL32 and rel_err(dr, ref_dr) <= TOL32
     assert loss[5].item() == 0.0 and torch.all(dq[5] == 0)  # the dropped row
     loss_ng, state_ng = tt.tiled_rows(xq, xr, lo_d, hi_d, own_d, spec, False)
     assert state_ng is None and torch.equal(loss_ng, loss)  # the same sums without gradient
+
+
+WINDOW_SPECS = ["pnp-Dq", "smooth_ap", "recall_at_k"]
+
+
+@pytest.mark.parametrize("name", WINDOW_SPECS)
+def test_lanes_beyond_the_state_in_windows(name, monkeypatch):
+    """States of one lane chunk (4 lanes a row, as M / 32 allows): segments of up to 9 lanes need the
+    backward's windows of recomputed state (lanes 4-7 and 8), and the windows 12 .. 36 that no
+    row reaches are launched and skipped; loss and gradients still equal the oracle, and the
+    live-row mask still holds."""
+    tt = _tt()
+    spec = dict(SPECS)[name]
+    Xq, Xr, lo, hi, own, g = _problem(300 + WINDOW_SPECS.index(name))
+    Q, M = Xq.shape[0], Xr.shape[0]
+    block_p = tt.config().block_p
+    monkeypatch.setattr(tt, "MIN_LANES", block_p)
+    assert tt.lane_capacity(Q, M, M, tt.STATE_BUDGET_BYTES, block_p) == block_p < int((hi - lo).max())
+    ref_loss, ref_dq, ref_dr = _oracle(Xq, Xr, lo, hi, own, g, spec)
+    xq, xr, lo_d, hi_d, own_d, g_d = _to_dev(Xq.float(), Xr.float(), lo, hi, own, g.float())
+    loss, state = tt.tiled_rows(xq, xr, lo_d, hi_d, own_d, spec, True)
+    assert state.shape == (Q, block_p + tt._k_slots(spec), tt.STATE_SLOTS)
+    dq, dr = tt.tiled_grads(xq, xr, lo_d, hi_d, own_d, state, g_d, spec, True, True)
+    assert rel_err(loss, ref_loss) <= TOL32
+    assert rel_err(dq, ref_dq) <= TOL32 and rel_err(dr, ref_dr) <= TOL32
+    live = torch.zeros(M, dtype=torch.bool)
+    live[:9] = True  # the first class's columns, the longest segment
+    r_rows = torch.nonzero(live)[:, 0].to(DEV)
+    _, dr_live = tt.tiled_grads(xq, xr, lo_d, hi_d, own_d, state, g_d, spec, False, True, r_rows)
+    blocks = torch.arange(M) // tt.config().cols_mn[1]
+    kept = torch.isin(blocks, blocks[live])
+    assert rel_err(dr_live[kept], ref_dr[kept]) <= TOL32 and torch.all(dr_live[~kept] == 0)
+
+
+def test_no_host_read(monkeypatch):
+    """Forward and backward never read a device value on the host (what would synchronise on
+    a GPU): every way a tensor reaches a Python value raises inside the two calls."""
+    tt = _tt()
+    spec = dict(SPECS)["recall_at_k"]
+    Xq, Xr, lo, hi, own, g = _problem(500)
+    args = _to_dev(Xq.float(), Xr.float(), lo, hi, own)
+    block_p = tt.config().block_p
+    monkeypatch.setattr(tt, "MIN_LANES", block_p)  # windows too
+
+    def host_read(*_a, **_k):
+        raise AssertionError("a device value was read on the host")
+
+    with monkeypatch.context() as m:
+        for attr in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
+            m.setattr(torch.Tensor, attr, host_read)
+        with pytest.raises(AssertionError, match="read on the host"):  # the probe itself works
+            int(args[3].max())
+        loss, state = tt.tiled_rows(*args, spec, True)
+        dq, dr = tt.tiled_grads(*args, state, g.float().to(DEV), spec, True, True)
+    assert torch.isfinite(loss).all() and torch.isfinite(dq).all() and torch.isfinite(dr).all()
 
 
 def test_wide_rows_several_d_steps_and_slices():
@@ -136,7 +193,8 @@ def test_live_rows_of_the_reference_gradient():
     _, full = tt.tiled_grads(xq, xr, lo_d, hi_d, own_d, state, g_d, spec, False, True)
     live = torch.zeros(Xr.shape[0], dtype=torch.bool)
     live[[2, 3, 11]] = True  # all in the first 16-column tile
-    dq, part = tt.tiled_grads(xq, xr, lo_d, hi_d, own_d, state, g_d, spec, False, True, live.to(DEV))
+    r_rows = torch.tensor([11, 2, 3]).to(DEV)  # any order
+    dq, part = tt.tiled_grads(xq, xr, lo_d, hi_d, own_d, state, g_d, spec, False, True, r_rows)
     assert dq is None
     assert torch.equal(part[live.to(DEV)], full[live.to(DEV)])
     assert torch.all(part[16:] == 0) and torch.any(full[16:] != 0)

@@ -119,8 +119,9 @@ class Backend:
     ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
         """(dXq, dXr) = (diag(g) G Xr, (diag(g) G)^T Xq) with the tiles of G recomputed, never stored.
 
-        ``r_rows`` (bool (M,), optional): the reference rows whose dXr is needed; the other
-        rows of dXr may be left 0 (a memory bank's rows are detached)."""
+        ``r_rows`` (int64 (r,), optional): the distinct reference rows whose dXr is needed
+        (their number is a shape, so selecting them needs no sync); the other rows of dXr may
+        be left 0 (a memory bank's rows are detached)."""
         return tiled.tiled_grads(Xq, Xr, lo, hi, own, state, g, spec, need_q, need_r, r_rows)
 
     # ---- shared stages ----------------------------------------------------------------
@@ -294,12 +295,7 @@ class Backend:
         # puts the r_live positions whose original row is < r_live first
         sel = torch.argsort((prep.perm_r >= r_live).to(torch.int8), stable=True)[:r_live] if live else None
         if spec.memory_efficient:
-            r_rows = None
-            if sel is not None:
-                r_rows = torch.zeros(M, dtype=torch.bool, device=sel.device).index_fill_(0, sel, True)
-            dXq, dXr = self.tiled_grads(
-                prep.Xq, prep.Xr, prep.lo, prep.hi, prep.own, G, g, spec, need_q, need_r, r_rows
-            )
+            dXq, dXr = self.tiled_grads(prep.Xq, prep.Xr, prep.lo, prep.hi, prep.own, G, g, spec, need_q, need_r, sel)
             if dXr is not None and sel is not None:
                 dXr = dXr.index_select(0, sel)
         else:

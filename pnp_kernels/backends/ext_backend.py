@@ -103,11 +103,12 @@ class ExtBackend(Backend):
         spec: LossSpec,
         compute_grad: bool,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Row losses in strips of rows, no Q x M buffer. The state: with ``reduction="mean"``
-        (equal row weights) the gradient with unit weights, (Q + M, D) = [G Xr; G^T Xq],
-        finished in this one pass; otherwise a (0,) tensor, and :meth:`tiled_grads`
-        recomputes the strips with the row weights."""
-        finish = compute_grad and spec.mean
+        """Row losses in strips of rows, no Q x M buffer. The state: in the square mode (Xq is
+        Xr) with ``reduction="mean"`` (equal row weights), the gradient with unit weights,
+        (Q + M, D) = [G Xr; G^T Xq], finished in this one pass; otherwise a (0,) tensor, and
+        :meth:`tiled_grads` recomputes the strips with the row weights (a reference set may
+        need dXr for a few rows only, or none: a detached memory bank)."""
+        finish = compute_grad and spec.mean and Xq is Xr
         loss, grad = ext_build.ops().tiled_rows(*self._tiled_args(Xq, Xr, lo, hi, own, spec), finish, 0)
         if not compute_grad:
             return loss, None

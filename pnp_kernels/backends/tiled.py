@@ -155,8 +155,10 @@ def tiled_grads(
     r_rows: Optional[Tensor] = None,
 ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
     """(dXq, dXr) of the rows weighted by g, from the state of :func:`tiled_rows`; with
-    ``r_rows`` (bool (M,)) dXr only for those reference rows (0 elsewhere)."""
+    ``r_rows`` (int64 (r,), distinct reference rows) dXr only for those rows (0 elsewhere)."""
     Q, M = Xq.shape[0], Xr.shape[0]
+    if r_rows is not None:  # as a mask over the columns
+        r_rows = torch.zeros(M, dtype=torch.bool, device=Xr.device).index_fill_(0, r_rows, True)
     dXq = torch.zeros_like(Xq) if need_q else None
     dXr = torch.zeros_like(Xr) if need_r else None
     if not (need_q or need_r) or Q == 0:

@@ -236,6 +236,13 @@ if triton is not None:
         return tl.sum(tl.where(lane[:, None], sig, 0.0), axis=0)
 
     @triton.jit
+    def _recall_k_sums_rows(r, lane, k, t2):
+        """(BLOCK_M, K_BLOCK) partial s_k of several rows at once: ``_recall_k_sums`` with r and
+        lane (BLOCK_M, BLOCK_P), one row per line."""
+        sig = 1.0 / (1.0 + tl.exp2((r[:, :, None] - k[None, None, :]) * (_LOG2E_C / t2[None, None, :])))
+        return tl.sum(tl.where(lane[:, :, None], sig, 0.0), axis=1)
+
+    @triton.jit
     def _recall_k_weights(s, n, k, t2, kmask, NUM_K: tl.constexpr):
         """Row loss and per-k weights from the complete sums s_k of a row with n >= 1 active lanes:
 

@@ -16,10 +16,13 @@ forward (``_tiled_fwd_kernel``, one program per block of BLOCK_M rows). Lanes ar
         Smooth-AP: the same, plus pos_t, dpos_t over the other columns of the segment
         Recall@k:  r_t - 1, dr_t over every ranked column (not the own column, not j_t)
     then the lane terms of the loss and the weights a_t, b_t, T_t = (a dneg + b dpos) / tau
-    (``row_math``). Recall@k's weights need the sums s_k over all lanes of a row, so its
-    chunks park r_t and dr_t in the state and a per-row epilogue finishes them.
-    The state kept for the backward is (Q, P_max, 4) float32 = [a, b, T, anchor]:
-    O(Q * P_max), P_max the longest segment.
+    (``row_math``). Recall@k's weights need the sums s_k over all lanes of a row: the chunks
+    accumulate them in registers and park r_t and dr_t in the state; a per-row epilogue
+    finishes the lanes from s_k.
+    The state kept for the backward is (Q, n_cap + k_slots, 4) float32: [a, b, T, anchor] of
+    the lanes t < n_cap, then Recall@k's s_k. n_cap is chosen from the shapes alone
+    (``lane_capacity``: at least 64 lanes, more while the state stays within 64 MiB and
+    Q * M / 8 numbers).
 row sweep (``_tiled_bwd_rows_kernel``, one program per row block and slice of D; D wider
     than ``TiledConfig.block_do`` is split over programs that each recompute their tiles):
     per column tile, S recomputed and the G tile formed in registers,
@@ -41,9 +44,13 @@ rows (exact in TF32: G split in two) and float32 rows (both operands split). Res
 float32 gradients with respect to the normalised rows. The GPU tile shapes
 (``_GPU_CONFIG``) are chosen for no register spills on sm_90, not tuned by timing.
 
-Synchronisation: the forward reads the longest segment (P_max) on the host once, to
-size the state; everything else, the backward included (P_max is the state's shape),
-is sync-free.
+Lanes beyond the state (a row with more than n_cap positives): the backward takes them in
+windows of lanes [lane0, lane0 + n_cap'), recomputing each window's state (the forward
+kernel without the loss) into one scratch buffer and running both sweeps on it, adding to
+the gradients. The number of windows follows from the shapes (every lane a row could
+have); a window that no row reaches costs three launches whose programs return at once.
+
+Synchronisation: none. Nothing reads a device value on the host, forward or backward.
 """
 
 from __future__ import annotations
@@ -62,6 +69,7 @@ __all__ = [
     "TiledConfig",
     "config",
     "inverse_norms",
+    "lane_capacity",
     "tiled_grads",
     "tiled_rows",
 ]
@@ -87,7 +95,7 @@ if triton is not None and tk.triton is not None:
     _variant_f_df = tk._variant_f_df
     _smooth_ap_terms = tk._smooth_ap_terms
     _recall_k_params = tk._recall_k_params
-    _recall_k_sums = tk._recall_k_sums
+    _recall_k_sums_rows = tk._recall_k_sums_rows
     _recall_k_weights = tk._recall_k_weights
     _recall_lane_coefs = tk._recall_lane_coefs
 
@@ -188,18 +196,23 @@ if triton is not None and tk.triton is not None:
         r0,
         Q,
         n_lanes,
+        n_cap,
+        lane0,
         inv_tau,
+        WITH_LOSS: tl.constexpr,
         COMPUTE_GRAD: tl.constexpr,
         NUM_K: tl.constexpr,
         K_BLOCK: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_P: tl.constexpr,
     ):
-        """Recall@k, row by row: s_k over all lanes (parked r_t), the loss and per-k weights,
-        then c_t per lane; the state becomes (c, c, c dr / tau, anchor); a row with no active
-        lane gets loss 0 and zero weights."""
+        """Recall@k, row by row: from the row sums s_k (the slots after the n_cap lanes of a
+        state row) the loss and per-k weights, then c_t of the parked lanes lane0 + l (l < n_cap);
+        the state becomes (c, c, c dr / tau, anchor); a row with no active lane gets loss 0 and
+        zero weights."""
         k, t2, kmask = _recall_k_params(kp_ptr, NUM_K, K_BLOCK)
         offs_p0 = tl.arange(0, BLOCK_P)
+        offs_k = tl.arange(0, K_BLOCK)
         for i in range(0, BLOCK_M):
             row = r0 + i
             if row < Q:
@@ -209,34 +222,31 @@ if triton is not None and tk.triton is not None:
                 cnt = hi - lo
                 n = cnt - ((own >= lo) & (own < hi)).to(tl.int32)
                 st_row = st_ptr + row.to(tl.int64) * (n_lanes * 4)
+                n_here = tl.minimum(cnt - lane0, n_cap)  # parked lanes of this row (<= 0: none)
                 loss = 0.0
                 if n >= 1:
-                    s = tl.zeros([K_BLOCK], dtype=tl.float32)
-                    for c0 in range(0, cnt, BLOCK_P):
-                        lanes = c0 + offs_p0
-                        lm = lanes < cnt
-                        r = tl.load(st_row + lanes * 4, mask=lm, other=1.0)
-                        s += _recall_k_sums(r, lm & (lo + lanes != own), k, t2)
+                    s = tl.load(st_row + n_cap * 4 + offs_k, mask=kmask, other=0.0)
                     loss, w = _recall_k_weights(s, n.to(tl.float32), k, t2, kmask, NUM_K)
                     if COMPUTE_GRAD:
-                        for c0 in range(0, cnt, BLOCK_P):
+                        for c0 in range(0, n_here, BLOCK_P):
                             lanes = c0 + offs_p0
-                            lm = lanes < cnt
+                            lm = lanes < n_here
                             r = tl.load(st_row + lanes * 4, mask=lm, other=1.0)
                             dr = tl.load(st_row + lanes * 4 + 2, mask=lm, other=0.0)
-                            c = _recall_lane_coefs(r, lm & (lo + lanes != own), w, k, t2)
+                            c = _recall_lane_coefs(r, lm & (lo + lane0 + lanes != own), w, k, t2)
                             tl.store(st_row + lanes * 4, c, mask=lm)
                             tl.store(st_row + lanes * 4 + 1, c, mask=lm)
                             tl.store(st_row + lanes * 4 + 2, c * dr * inv_tau, mask=lm)
                 elif COMPUTE_GRAD:
-                    for c0 in range(0, cnt, BLOCK_P):
+                    for c0 in range(0, n_here, BLOCK_P):
                         lanes = c0 + offs_p0
-                        lm = lanes < cnt
+                        lm = lanes < n_here
                         zero = tl.zeros([BLOCK_P], dtype=tl.float32)
                         tl.store(st_row + lanes * 4, zero, mask=lm)
                         tl.store(st_row + lanes * 4 + 1, zero, mask=lm)
                         tl.store(st_row + lanes * 4 + 2, zero, mask=lm)
-                tl.store(loss_ptr + row, loss)
+                if WITH_LOSS:
+                    tl.store(loss_ptr + row, loss)
 
     @triton.jit
     def _tiled_fwd_kernel(
@@ -256,6 +266,8 @@ if triton is not None and tk.triton is not None:
         stride_q,
         stride_r,
         n_lanes,
+        n_cap,
+        lane0,
         zscale,
         inv_tau,
         alpha,
@@ -263,6 +275,7 @@ if triton is not None and tk.triton is not None:
         LOSS: tl.constexpr,
         VARIANT: tl.constexpr,
         COMPUTE_GRAD: tl.constexpr,
+        WITH_LOSS: tl.constexpr,
         HAS_NORM: tl.constexpr,
         S_PREC: tl.constexpr,
         NUM_K: tl.constexpr,
@@ -272,9 +285,12 @@ if triton is not None and tk.triton is not None:
         BLOCK_D: tl.constexpr,
         BLOCK_P: tl.constexpr,
     ):
-        # Rows [pid * BLOCK_M, +BLOCK_M): their losses, and (COMPUTE_GRAD) their lanes' state
-        # st[p, t] = (a, b, T, anchor) with row stride n_lanes * 4. Recall@k parks (r, -, dr,
-        # anchor) there first, even without gradient, for the per-row epilogue.
+        # Rows [pid * BLOCK_M, +BLOCK_M). WITH_LOSS (the forward): every lane of the rows for
+        # their losses (Recall@k: the row sums s_k, kept in the slots after the lanes), and
+        # (COMPUTE_GRAD) the state of the window's lanes t < n_cap: st[p, t] = (a, b, T, anchor),
+        # row stride n_lanes * 4. Without WITH_LOSS: the state of the window [lane0, lane0 +
+        # n_cap) only, stored at t - lane0 (Recall@k: s_k already in the slots). Recall@k parks
+        # (r, -, dr, anchor) first, for the per-row epilogue.
         pid = tl.program_id(0)
         rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = rows < Q
@@ -284,6 +300,7 @@ if triton is not None and tk.triton is not None:
         cnt_max = tl.max(cnt, axis=0)
         if LOSS == _LOSS_RECALL_AT_K:
             own = tl.load(own_ptr + rows, mask=rmask, other=-1)
+            k, t2, kmask = _recall_k_params(kp_ptr, NUM_K, K_BLOCK)
         else:
             own = lo  # not read
         if HAS_NORM:
@@ -297,9 +314,15 @@ if triton is not None and tk.triton is not None:
         offs_n0 = tl.arange(0, BLOCK_N)
         st_rows = st_ptr + rows.to(tl.int64)[:, None] * (n_lanes * 4)
         loss_acc = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for c0 in range(0, cnt_max, BLOCK_P):
+        s_acc = tl.zeros([BLOCK_M, K_BLOCK], dtype=tl.float32)
+        if WITH_LOSS:
+            c_end = cnt_max
+        else:
+            c_end = tl.minimum(cnt_max, lane0 + n_cap)
+        for c0 in range(lane0, c_end, BLOCK_P):
             lanes = c0 + offs_p0
             lane_ok = rmask[:, None] & (lanes[None, :] < cnt[:, None])
+            keep = lane_ok & (lanes[None, :] - lane0 < n_cap)  # the lanes whose state is stored
             anc = _lane_anchors(
                 xq_ptr, xr_ptr, ir_ptr, rows, rmask, lo, cnt, c0, iq, D, stride_q, stride_r, zscale,
                 HAS_NORM, BLOCK_M, BLOCK_P, BLOCK_D,
@@ -357,11 +380,15 @@ if triton is not None and tk.triton is not None:
                             acc3 += tl.where(sel, tl.sum(tl.where(m2, sig, 0.0), axis=1)[:, None], 0.0)
                             if COMPUTE_GRAD:
                                 acc4 += tl.where(sel, tl.sum(tl.where(m2, sp, 0.0), axis=1)[:, None], 0.0)
-            st = st_rows + lanes[None, :] * 4
+            st = st_rows + (lanes - lane0)[None, :] * 4
             if LOSS == _LOSS_RECALL_AT_K:
-                tl.store(st, 1.0 + acc1, mask=lane_ok)
-                tl.store(st + 2, acc2, mask=lane_ok)
-                tl.store(st + 3, anc, mask=lane_ok)
+                r = 1.0 + acc1
+                if WITH_LOSS:  # s_k += sigma((k - r_t) / tau2_k) over the chunk's active lanes
+                    act = lane_ok & ((lo[:, None] + lanes[None, :]) != own[:, None])
+                    s_acc += _recall_k_sums_rows(r, act, k, t2)
+                tl.store(st, r, mask=keep)
+                tl.store(st + 2, acc2, mask=keep)
+                tl.store(st + 3, anc, mask=keep)
             else:
                 if LOSS == _LOSS_SMOOTH_AP:
                     ratio, a, b_pos = _smooth_ap_terms(acc1, 1.0 + acc3, lane_ok, inv_cnt[:, None])
@@ -376,17 +403,24 @@ if triton is not None and tk.triton is not None:
                     bw = tl.zeros_like(a)
                     T = a * acc2 * inv_tau
                 if COMPUTE_GRAD:
-                    tl.store(st, a, mask=lane_ok)
-                    tl.store(st + 1, bw, mask=lane_ok)
-                    tl.store(st + 2, T, mask=lane_ok)
-                    tl.store(st + 3, anc, mask=lane_ok)
+                    tl.store(st, a, mask=keep)
+                    tl.store(st + 1, bw, mask=keep)
+                    tl.store(st + 2, T, mask=keep)
+                    tl.store(st + 3, anc, mask=keep)
         if LOSS == _LOSS_RECALL_AT_K:
-            tl.debug_barrier()  # the parked lanes land before the epilogue reads them row by row
-            _recall_epilogue(
-                st_ptr, lo_ptr, hi_ptr, own_ptr, kp_ptr, loss_ptr, pid * BLOCK_M, Q, n_lanes, inv_tau,
-                COMPUTE_GRAD, NUM_K, K_BLOCK, BLOCK_M, BLOCK_P,
-            )  # fmt: skip
-        else:
+            if WITH_LOSS:
+                offs_k = tl.arange(0, K_BLOCK)
+                s_ptrs = st_rows + n_cap * 4 + offs_k[None, :]
+                tl.store(s_ptrs, s_acc, mask=rmask[:, None] & kmask[None, :])
+            if cnt_max > lane0:
+                tl.debug_barrier()  # the parked lanes and the sums land before the epilogue reads them
+                _recall_epilogue(
+                    st_ptr, lo_ptr, hi_ptr, own_ptr, kp_ptr, loss_ptr, pid * BLOCK_M, Q, n_lanes, n_cap,
+                    lane0, inv_tau, WITH_LOSS, COMPUTE_GRAD, NUM_K, K_BLOCK, BLOCK_M, BLOCK_P,
+                )  # fmt: skip
+            elif WITH_LOSS:
+                tl.store(loss_ptr + rows, tl.zeros([BLOCK_M], dtype=tl.float32), mask=rmask)
+        elif WITH_LOSS:
             tl.store(loss_ptr + rows, loss_acc * inv_cnt, mask=rmask)
 
     @triton.jit
@@ -397,8 +431,9 @@ if triton is not None and tk.triton is not None:
         rmask,
         lo,
         hi,
-        cnt,
-        cnt_max,
+        cw,
+        cw_max,
+        lane0,
         own,
         cols,
         cmask,
@@ -409,8 +444,9 @@ if triton is not None and tk.triton is not None:
         BLOCK_N: tl.constexpr,
         BLOCK_P: tl.constexpr,
     ):
-        """(BLOCK_M, BLOCK_N) tile of G = d row_loss / dS from the lane state:
-        G_pk = (1/tau) sum_t w_tk sigma'(z_tk) - [k = j_t] T_t."""
+        """(BLOCK_M, BLOCK_N) tile of G = d row_loss / dS from the state of the lanes lane0 + l,
+        l < cw (per row, at most n_cap; slot l of the state): the part of
+        G_pk = (1/tau) sum_t w_tk sigma'(z_tk) - [k = j_t] T_t that these lanes contribute."""
         offs_p0 = tl.arange(0, BLOCK_P)
         colsb = cols[None, :]
         if LOSS == _LOSS_RECALL_AT_K:
@@ -419,9 +455,9 @@ if triton is not None and tk.triton is not None:
             m1 = cmask[None, :] & ((colsb < lo[:, None]) | (colsb >= hi[:, None]))
         G = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         st_rows = st_ptr + rows.to(tl.int64)[:, None] * (n_lanes * 4)
-        for c0 in range(0, cnt_max, BLOCK_P):
+        for c0 in range(0, cw_max, BLOCK_P):
             lanes = c0 + offs_p0
-            lm = rmask[:, None] & (lanes[None, :] < cnt[:, None])
+            lm = rmask[:, None] & (lanes[None, :] < cw[:, None])
             st = st_rows + lanes[None, :] * 4
             a = tl.load(st, mask=lm, other=0.0) * inv_tau
             T = tl.load(st + 2, mask=lm, other=0.0)
@@ -430,9 +466,9 @@ if triton is not None and tk.triton is not None:
                 bw = tl.load(st + 1, mask=lm, other=0.0) * inv_tau
             else:
                 bw = a  # not read
-            for t in range(0, tl.minimum(cnt_max - c0, BLOCK_P)):  # the chunk's lanes, one at a time
+            for t in range(0, tl.minimum(cw_max - c0, BLOCK_P)):  # the chunk's lanes, one at a time
                 sel = offs_p0[None, :] == t
-                j = lo + c0 + t
+                j = lo + lane0 + c0 + t
                 x = tl.minimum(_lane(anc, sel)[:, None] - zk, 100.0, propagate_nan=tl.PropagateNan.ALL)
                 e = tl.exp2(x)
                 sig = 1.0 / (1.0 + e)
@@ -484,6 +520,8 @@ if triton is not None and tk.triton is not None:
         stride_r,
         stride_o,
         n_lanes,
+        n_cap,
+        lane0,
         zscale,
         inv_tau,
         LOSS: tl.constexpr,
@@ -491,21 +529,23 @@ if triton is not None and tk.triton is not None:
         S_PREC: tl.constexpr,
         G_SPLIT: tl.constexpr,
         G_PREC: tl.constexpr,
+        ACCUM: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr,
         BLOCK_P: tl.constexpr,
         BLOCK_DO: tl.constexpr,
     ):
-        # dXq[rows, d-slice] = sum over the column tiles of (g G_tile * ir) Xr_tile[:, d-slice]
+        # dXq[rows, d-slice] (ACCUM: +=) sum over the column tiles of (g G_tile * ir) Xr_tile[:, d-slice],
+        # G_tile from the lanes [lane0, lane0 + n_cap) of the state
         pid_m = tl.program_id(0)
         pid_d = tl.program_id(1)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = rows < Q
         lo = tl.load(lo_ptr + rows, mask=rmask, other=0)
         hi = tl.load(hi_ptr + rows, mask=rmask, other=0)
-        cnt = hi - lo
-        cnt_max = tl.max(cnt, axis=0)
+        cw = tl.minimum(tl.maximum(hi - lo - lane0, 0), n_cap)
+        cw_max = tl.max(cw, axis=0)
         if LOSS == _LOSS_RECALL_AT_K:
             own = tl.load(own_ptr + rows, mask=rmask, other=-1)
         else:
@@ -519,7 +559,7 @@ if triton is not None and tk.triton is not None:
         offs_o = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
         om = offs_o < D
         acc = tl.zeros([BLOCK_M, BLOCK_DO], dtype=tl.float32)
-        if cnt_max > 0:
+        if cw_max > 0:
             for n0 in range(0, M, BLOCK_N):
                 cols = n0 + offs_n0
                 cmask = cols < M
@@ -532,7 +572,7 @@ if triton is not None and tk.triton is not None:
                     HAS_NORM, S_PREC, BLOCK_M, BLOCK_N, BLOCK_D,
                 )  # fmt: skip
                 G = _grad_tile(
-                    zk, st_ptr, rows, rmask, lo, hi, cnt, cnt_max, own, cols, cmask, n_lanes, inv_tau,
+                    zk, st_ptr, rows, rmask, lo, hi, cw, cw_max, lane0, own, cols, cmask, n_lanes, inv_tau,
                     LOSS, BLOCK_M, BLOCK_N, BLOCK_P,
                 )  # fmt: skip
                 Gs = G * g[:, None]
@@ -545,7 +585,12 @@ if triton is not None and tk.triton is not None:
                 )
                 acc = _g_dot(Gs, X, acc, G_SPLIT, G_PREC)
         out = dxq_ptr + rows.to(tl.int64)[:, None] * stride_o + offs_o[None, :]
-        tl.store(out, acc, mask=rmask[:, None] & om[None, :])
+        omask = rmask[:, None] & om[None, :]
+        if ACCUM:  # a later window of lanes: add to what the earlier windows wrote
+            if cw_max > 0:
+                tl.store(out, acc + tl.load(out, mask=omask, other=0.0), mask=omask)
+        else:
+            tl.store(out, acc, mask=omask)
 
     @triton.jit
     def _tiled_bwd_cols_kernel(
@@ -559,6 +604,7 @@ if triton is not None and tk.triton is not None:
         st_ptr,
         g_ptr,
         live_ptr,
+        pmax_ptr,
         dxr_ptr,
         Q,
         M,
@@ -567,6 +613,8 @@ if triton is not None and tk.triton is not None:
         stride_r,
         stride_o,
         n_lanes,
+        n_cap,
+        lane0,
         zscale,
         inv_tau,
         LOSS: tl.constexpr,
@@ -575,13 +623,16 @@ if triton is not None and tk.triton is not None:
         S_PREC: tl.constexpr,
         G_SPLIT: tl.constexpr,
         G_PREC: tl.constexpr,
+        ACCUM: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr,
         BLOCK_P: tl.constexpr,
         BLOCK_DO: tl.constexpr,
     ):
-        # dXr[cols, d-slice] = sum over the row blocks, in order, of (g iq G_tile)^T Xq_blk[:, d-slice];
+        # dXr[cols, d-slice] (ACCUM: +=) sum over the row blocks, in order, of (g iq G_tile)^T
+        # Xq_blk[:, d-slice], G_tile from the lanes [lane0, lane0 + n_cap) of the state; nothing
+        # to do when no row has a lane there (pmax, the longest segment, read on the device).
         # HAS_LIVE: a column block with no live column (a detached memory) is left 0.
         pid_n = tl.program_id(0)
         pid_d = tl.program_id(1)
@@ -591,7 +642,7 @@ if triton is not None and tk.triton is not None:
             ir = tl.load(ir_ptr + cols, mask=cmask, other=0.0)
         else:
             ir = tl.zeros([BLOCK_N], dtype=tl.float32)  # not read
-        todo = Q > 0
+        todo = (Q > 0) & (tl.load(pmax_ptr) > lane0)
         if HAS_LIVE:
             live = tl.load(live_ptr + cols, mask=cmask, other=0)
             todo = todo & (tl.max(live.to(tl.int32), axis=0) > 0)
@@ -605,9 +656,9 @@ if triton is not None and tk.triton is not None:
                 rmask = rows < Q
                 lo = tl.load(lo_ptr + rows, mask=rmask, other=0)
                 hi = tl.load(hi_ptr + rows, mask=rmask, other=0)
-                cnt = hi - lo
-                cnt_max = tl.max(cnt, axis=0)
-                if cnt_max > 0:
+                cw = tl.minimum(tl.maximum(hi - lo - lane0, 0), n_cap)
+                cw_max = tl.max(cw, axis=0)
+                if cw_max > 0:
                     if LOSS == _LOSS_RECALL_AT_K:
                         own = tl.load(own_ptr + rows, mask=rmask, other=-1)
                     else:
@@ -622,7 +673,7 @@ if triton is not None and tk.triton is not None:
                         HAS_NORM, S_PREC, BLOCK_M, BLOCK_N, BLOCK_D,
                     )  # fmt: skip
                     G = _grad_tile(
-                        zk, st_ptr, rows, rmask, lo, hi, cnt, cnt_max, own, cols, cmask, n_lanes, inv_tau,
+                        zk, st_ptr, rows, rmask, lo, hi, cw, cw_max, lane0, own, cols, cmask, n_lanes, inv_tau,
                         LOSS, BLOCK_M, BLOCK_N, BLOCK_P,
                     )  # fmt: skip
                     if HAS_NORM:
@@ -637,7 +688,12 @@ if triton is not None and tk.triton is not None:
                     )
                     acc = _g_dot(tl.trans(Gs), X, acc, G_SPLIT, G_PREC)
         out = dxr_ptr + cols.to(tl.int64)[:, None] * stride_o + offs_o[None, :]
-        tl.store(out, acc, mask=cmask[:, None] & om[None, :])
+        omask = cmask[:, None] & om[None, :]
+        if ACCUM:  # a later window of lanes: add to what the earlier windows wrote
+            if todo:
+                tl.store(out, acc + tl.load(out, mask=omask, other=0.0), mask=omask)
+        else:
+            tl.store(out, acc, mask=omask)
 
 
 # ---- launchers ---------------------------------------------------------------------------
@@ -716,6 +772,60 @@ def _common(Xq, Xr, lo, hi, own, spec: LossSpec):
     return Xq, Xr, lo, hi, own, has_norm, iq, ir
 
 
+# The state is sized from the shapes alone (reading the longest segment on the host would
+# synchronise): the forward keeps the lanes t < n_cap of every row and the backward takes the
+# lanes beyond, if any row has them, in windows of lanes whose state it recomputes into one
+# scratch buffer. Both hold MIN_LANES lanes a row (or all a row can have, if fewer), more when
+# the budget and M / 32 allow, so that neither is more than Q * M / 8 numbers past that floor:
+# 64 lanes at Q = M = 65536 (64 MiB) and windows of 256 lanes (256 MiB). Windows that no row
+# reaches cost three launches whose programs return at once (the longest segment is read on
+# the device).
+STATE_BUDGET_BYTES = 64 << 20
+WINDOW_BUDGET_BYTES = 256 << 20
+MIN_LANES = 64
+
+
+def lane_capacity(Q: int, M: int, lanes: int, budget_bytes: int, block_p: int) -> int:
+    """Lanes per row of a state buffer (16 bytes a lane): a multiple of ``block_p``, at least
+    MIN_LANES, else as many as ``budget_bytes`` and M / 32 allow, never more than ``lanes``
+    (rounded up) need."""
+    need = -(-max(lanes, 1) // block_p) * block_p
+    fit = min(budget_bytes // (4 * STATE_SLOTS * max(Q, 1)), M // 32) // block_p * block_p
+    floor = -(-MIN_LANES // block_p) * block_p
+    return min(need, max(floor, fit))
+
+
+def _k_slots(spec: LossSpec) -> int:
+    """Lanes reserved after the window for Recall@k's row sums s_k (4 floats a lane)."""
+    return -(-len(spec.ks) // STATE_SLOTS) if spec.kind == LOSS_RECALL_AT_K else 0
+
+
+def _fwd_params(spec: LossSpec, dev: torch.device, dummy: torch.Tensor):
+    """(kp, NUM_K, K_BLOCK, VARIANT) of the forward kernel."""
+    if spec.kind == LOSS_RECALL_AT_K:
+        kp, num_k, k_block = tk.recall_k_params(spec, dev)
+        return kp, num_k, k_block, 0
+    return dummy, 1, 1, (spec.variant.code if spec.kind == LOSS_PNP else 0)
+
+
+def _launch_fwd(Xq, Xr, iq, ir, lo, hi, own, loss, state, n_cap, lane0, spec, compute_grad, with_loss, has_norm):
+    """One launch of ``_tiled_fwd_kernel`` (see there); ``state`` None: no lane state."""
+    Q, D = Xq.shape
+    cfg = config()
+    kp, num_k, k_block, variant = _fwd_params(spec, Xq.device, loss)
+    s_prec, _, _ = _precisions(Xq.dtype)
+    _tiled_fwd_kernel[(triton.cdiv(Q, cfg.fwd_mn[0]),)](
+        Xq, Xr, iq, ir, lo, hi, own, kp, loss, state if state is not None else loss,
+        Q, Xr.shape[0], D, Xq.stride(0), Xr.stride(0),
+        state.shape[1] if state is not None else 0, n_cap, lane0,
+        _LOG2E / spec.anneal, 1.0 / spec.anneal, float(spec.alpha), float(spec.b),
+        LOSS=int(spec.kind), VARIANT=int(variant), COMPUTE_GRAD=bool(compute_grad), WITH_LOSS=bool(with_loss),
+        HAS_NORM=has_norm, S_PREC=s_prec, NUM_K=num_k, K_BLOCK=k_block,
+        BLOCK_M=cfg.fwd_mn[0], BLOCK_N=cfg.fwd_mn[1], BLOCK_D=cfg.block_d, BLOCK_P=cfg.block_p,
+        num_warps=cfg.num_warps, num_stages=cfg.stages,
+    )  # fmt: skip
+
+
 def tiled_rows(
     Xq: torch.Tensor,
     Xr: torch.Tensor,
@@ -725,69 +835,28 @@ def tiled_rows(
     spec: LossSpec,
     compute_grad: bool,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """(row_loss (Q,) float32, state (Q, P_max, 4) float32 or None) of S = Xq Xr^T, never stored.
+    """(row_loss (Q,) float32, state (Q, n_cap + k_slots, 4) float32 or None) of S = Xq Xr^T,
+    never stored.
 
     Xq (Q, D), Xr (M, D): float32 rows (normalised already for cosine) or float16 / bfloat16
     rows as they are (cosine: rescaled by their float32 inverse norms in the kernels); the
     reference rows sorted so that row p's positives are [lo_p, hi_p); ``own`` (int, -1: none)
-    is read by Recall@k only. Reads P_max = max(hi - lo) on the host once."""
+    is read by Recall@k only. The state holds the lanes t < n_cap (:func:`lane_capacity`) of
+    each row, then (Recall@k) the row sums s_k. No host synchronisation."""
     Xq, Xr, lo, hi, own, has_norm, iq, ir = _common(Xq, Xr, lo, hi, own, spec)
-    Q, D = Xq.shape
+    Q = Xq.shape[0]
     M = Xr.shape[0]
     dev = Xq.device
     row_loss = torch.zeros(Q, dtype=torch.float32, device=dev)
+    n_cap = lane_capacity(Q, M, M, STATE_BUDGET_BYTES, config().block_p) if compute_grad else 0
+    k_slots = _k_slots(spec)
+    state = None
+    if compute_grad or k_slots:
+        state = torch.zeros(Q, n_cap + k_slots, STATE_SLOTS, dtype=torch.float32, device=dev)
     if Q == 0:
-        return row_loss, (torch.zeros(0, 1, STATE_SLOTS, dtype=torch.float32, device=dev) if compute_grad else None)
-    p_max = int((hi - lo).max().item())  # the one host read of a call (sizes the state)
-    recall = spec.kind == LOSS_RECALL_AT_K
-    need_state = compute_grad or recall
-    state = torch.zeros(Q, max(p_max, 1), STATE_SLOTS, dtype=torch.float32, device=dev) if need_state else None
-    if p_max == 0:  # every row dropped
         return row_loss, state if compute_grad else None
-    if recall:
-        kp, num_k, k_block = tk.recall_k_params(spec, dev)
-        variant = 0
-    else:
-        kp, num_k, k_block = row_loss, 1, 1  # not read
-        variant = spec.variant.code if spec.kind == LOSS_PNP else 0
-    cfg = config()
-    s_prec, _, _ = _precisions(Xq.dtype)
     with tk._on_device(Xq):
-        _tiled_fwd_kernel[(triton.cdiv(Q, cfg.fwd_mn[0]),)](
-            Xq,
-            Xr,
-            iq,
-            ir,
-            lo,
-            hi,
-            own,
-            kp,
-            row_loss,
-            state if state is not None else row_loss,
-            Q,
-            M,
-            D,
-            Xq.stride(0),
-            Xr.stride(0),
-            state.shape[1] if state is not None else 0,
-            _LOG2E / spec.anneal,
-            1.0 / spec.anneal,
-            float(spec.alpha),
-            float(spec.b),
-            LOSS=int(spec.kind),
-            VARIANT=int(variant),
-            COMPUTE_GRAD=bool(compute_grad),
-            HAS_NORM=has_norm,
-            S_PREC=s_prec,
-            NUM_K=num_k,
-            K_BLOCK=k_block,
-            BLOCK_M=cfg.fwd_mn[0],
-            BLOCK_N=cfg.fwd_mn[1],
-            BLOCK_D=cfg.block_d,
-            BLOCK_P=cfg.block_p,
-            num_warps=cfg.num_warps,
-            num_stages=cfg.stages,
-        )
+        _launch_fwd(Xq, Xr, iq, ir, lo, hi, own, row_loss, state, n_cap, 0, spec, compute_grad, True, has_norm)
     return row_loss, state if compute_grad else None
 
 
@@ -810,8 +879,9 @@ def tiled_grads(
 ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """(dXq, dXr) float32 = (diag(g) G Xr, (diag(g) G)^T Xq) with respect to the normalised
     rows, G = dS from the state of :func:`tiled_rows` (recomputed tile by tile, never stored);
-    each None when not asked for. ``r_rows`` (bool (M,)): only these reference rows need dXr;
-    column blocks without one are left 0. No host synchronisation."""
+    each None when not asked for. Lanes beyond the state's are taken in windows, their state
+    recomputed. ``r_rows`` (int64 (r,), distinct): only these reference rows need dXr; column
+    blocks without one are left 0. No host synchronisation."""
     Xq, Xr, lo, hi, own, has_norm, iq, ir = _common(Xq, Xr, lo, hi, own, spec)
     Q, D = Xq.shape
     M = Xr.shape[0]
@@ -820,8 +890,18 @@ def tiled_grads(
     dXr = torch.zeros(M, D, dtype=torch.float32, device=dev) if need_r else None
     if Q == 0 or M == 0 or D == 0 or not (need_q or need_r):
         return dXq, dXr
-    if state.dtype != torch.float32 or state.dim() != 3 or state.shape[0] != Q or state.shape[2] != STATE_SLOTS:
-        raise ValueError(f"state: expected a ({Q}, P, {STATE_SLOTS}) float32 tensor from tiled_rows, got {state.shape}")
+    k_slots = _k_slots(spec)
+    if (
+        state.dtype != torch.float32
+        or state.dim() != 3
+        or state.shape[0] != Q
+        or state.shape[1] <= k_slots
+        or state.shape[2] != STATE_SLOTS
+    ):
+        raise ValueError(
+            f"state: expected a ({Q}, lanes + {k_slots}, {STATE_SLOTS}) float32 tensor from tiled_rows, "
+            f"got {tuple(state.shape)}"
+        )
     state = state.contiguous()
     g = g.to(torch.float32).expand(Q).contiguous()
     cfg = config()
@@ -839,20 +919,36 @@ def tiled_grads(
         num_warps=cfg.num_warps,
         num_stages=cfg.stages,
     )
-    scal = (state.shape[1], _LOG2E / spec.anneal, 1.0 / spec.anneal)
     n_do = triton.cdiv(D, block_do)
-    with tk._on_device(Xq):
+    live = lo  # not read
+    if r_rows is not None:  # the columns that need dXr, as a mask
+        live = torch.zeros(M, dtype=torch.int8, device=dev).index_fill_(0, r_rows.to(dev), 1)
+    pmax = (hi - lo).amax()  # on the device: lets the column sweep skip a window no row reaches
+    n_cap0 = state.shape[1] - k_slots
+
+    def sweep(st: torch.Tensor, n_cap: int, lane0: int, accum: bool) -> None:
+        scal = (st.shape[1], n_cap, lane0, _LOG2E / spec.anneal, 1.0 / spec.anneal)
         if dXq is not None:
             bm, bn = cfg.rows_mn
             _tiled_bwd_rows_kernel[(triton.cdiv(Q, bm), n_do)](
-                Xq, Xr, iq, ir, lo, hi, own, state, g, dXq, Q, M, D, Xq.stride(0), Xr.stride(0), dXq.stride(0),
-                *scal, BLOCK_M=bm, BLOCK_N=bn, **common,
+                Xq, Xr, iq, ir, lo, hi, own, st, g, dXq, Q, M, D, Xq.stride(0), Xr.stride(0), dXq.stride(0),
+                *scal, ACCUM=accum, BLOCK_M=bm, BLOCK_N=bn, **common,
             )  # fmt: skip
         if dXr is not None:
-            live = r_rows.to(torch.int8).contiguous() if r_rows is not None else lo
             bm, bn = cfg.cols_mn
             _tiled_bwd_cols_kernel[(triton.cdiv(M, bn), n_do)](
-                Xq, Xr, iq, ir, lo, hi, own, state, g, live, dXr, Q, M, D, Xq.stride(0), Xr.stride(0),
-                dXr.stride(0), *scal, HAS_LIVE=r_rows is not None, BLOCK_M=bm, BLOCK_N=bn, **common,
+                Xq, Xr, iq, ir, lo, hi, own, st, g, live, pmax, dXr, Q, M, D, Xq.stride(0), Xr.stride(0),
+                dXr.stride(0), *scal, HAS_LIVE=r_rows is not None, ACCUM=accum, BLOCK_M=bm, BLOCK_N=bn, **common,
             )  # fmt: skip
+
+    with tk._on_device(Xq):
+        sweep(state, n_cap0, 0, False)
+        if M > n_cap0:  # a row may have lanes beyond the state's: windows of recomputed state
+            n_cap = lane_capacity(Q, M, M - n_cap0, WINDOW_BUDGET_BYTES, cfg.block_p)
+            window = torch.empty(Q, n_cap + k_slots, STATE_SLOTS, dtype=torch.float32, device=dev)
+            if k_slots:  # Recall@k's row sums, from the forward
+                window[:, n_cap:] = state[:, n_cap0:]
+            for lane0 in range(n_cap0, M, n_cap):
+                _launch_fwd(Xq, Xr, iq, ir, lo, hi, own, g, window, n_cap, lane0, spec, True, False, has_norm)
+                sweep(window, n_cap, lane0, True)
     return dXq, dXr

@@ -6,7 +6,8 @@ Triton ships ptxas, so on a CPU-only machine this lowers each kernel of
 pnp_kernels/backends/triton_kernels.py (both loss kinds, every PNP variant, with and
 without gradient, cosine and dot, each reduction mode, with and without a permutation)
 and of the memory-efficient kernels of pnp_kernels/backends/triton_tiled.py (every loss
-kind, float32 / float16 / bfloat16 rows)
+kind, float32 / float16 / bfloat16 rows, the backward's windows) and the dense path's
+half-precision GEMMs of pnp_kernels/backends/triton_gemm.py
 to PTX and a cubin for the given compute capabilities, and prints registers, spills
 and shared memory per kernel (from cuobjdump's resource usage when available). It
 proves the kernels compile for that GPU, not that they run right there:
@@ -290,6 +291,45 @@ def _tiled_specializations():
     return out
 
 
+def _gemm_specializations():
+    """The dense path's half-precision GEMMs of pnp_kernels/backends/triton_gemm.py with their GPU
+    tile shapes: S for float16 / bfloat16 rows, with and without inverse norms; G X for both,
+    with and without each scale (float32 rows take torch.mm on the dense path)."""
+    import torch
+
+    from pnp_kernels.backends import triton_gemm as tg
+    from pnp_kernels.backends import triton_tiled as tt
+
+    cfg = tg._GPU_CONFIG
+    opts = {"num_warps": cfg.num_warps, "num_stages": cfg.stages}
+    out = []
+    for xdt, torch_dt in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
+        s_prec, g_split, g_prec = tt._precisions(torch_dt)
+        for has_norm in (False, True):
+            sig = {
+                **{n: f"*{xdt}" for n in ("xq_ptr", "xr_ptr")},
+                **{n: "*fp32" for n in ("iq_ptr", "ir_ptr", "s_ptr")},
+                **{n: "i32" for n in ("Q", "M", "D", "stride_q", "stride_r", "stride_s")},
+            }
+            consts = dict(HAS_NORM=has_norm, S_PREC=s_prec, BLOCK_M=cfg.s_mn[0], BLOCK_N=cfg.s_mn[1])
+            consts.update(BLOCK_D=cfg.s_block_d)
+            sig.update({k: "constexpr" for k in consts})
+            out.append((f"_similarity_kernel[{xdt},norm={has_norm}]", tg._similarity_kernel, sig, consts, opts))
+        for has_row, has_col in itertools.product((False, True), (False, True)):
+            sig = {
+                "g_ptr": "*fp32",
+                "x_ptr": f"*{xdt}",
+                **{n: "*fp32" for n in ("rs_ptr", "cs_ptr", "out_ptr")},
+                **{n: "i32" for n in ("Q", "K", "D", "stride_gq", "stride_gk", "stride_x", "stride_o")},
+            }
+            consts = dict(HAS_ROW=has_row, HAS_COL=has_col, G_SPLIT=g_split, G_PREC=g_prec)
+            consts.update(BLOCK_M=cfg.g_block_m, BLOCK_K=cfg.g_block_k, BLOCK_DO=cfg.g_block_do)
+            sig.update({k: "constexpr" for k in consts})
+            name = f"_grad_product_kernel[{xdt},row={has_row},col={has_col}]"
+            out.append((name, tg._grad_product_kernel, sig, consts, opts))
+    return out
+
+
 def _resource_usage(cubin: bytes):
     """(registers, spill stores + loads, shared bytes) from cuobjdump -res-usage, or None."""
     import triton
@@ -429,7 +469,8 @@ def main(argv=None) -> int:
     failures = 0
     for arch in archs:
         target = GPUTarget("cuda", arch, 32)
-        for name, kernel, sig, consts, *opts in _specializations(tb) + _tiled_specializations():
+        specializations = _specializations(tb) + _tiled_specializations() + _gemm_specializations()
+        for name, kernel, sig, consts, *opts in specializations:
             t0 = time.time()
             try:
                 compiled = triton.compile(

@@ -60,6 +60,9 @@ reported and the rest still runs); ``--skip`` takes their names:
   me_bench        the memory-efficient path (triton) next to dense, PNP Dq, B = 16384,
                   65536, 262144, D = 512, P = 4, float32 and bfloat16: time, peak memory,
                   dense where it fits, agreement of the two, ratio to the bf16 GEMM floor.
+  dense_half      the triton dense path on bfloat16 and float16 embeddings vs float32
+                  embeddings of the same values, PNP Dq, B = 16384, D = 512: time, peak
+                  memory, float32 / half ratio (target: bf16 >= 3x), loss and grad agreement.
 
 Timing: triton.testing.do_bench median (warmup 25 ms, rep 100 ms; --quick: 5/20);
 memory: torch.cuda.max_memory_allocated above what is allocated before the step.
@@ -1057,6 +1060,47 @@ def memory_efficient_table(device, backend, Bs, dtypes, D=512, P=4, quick=False)
     return ok
 
 
+def dense_half_table(device, B, D=512, P=4, quick=False):
+    """The triton backend's dense path on half embeddings next to float32 embeddings of the same
+    values (bfloat16-rounded, exact in float16 and float32): PNP (Dq) forward+backward, median
+    time, peak memory above the inputs, the float32 / half time ratio, and the agreement of loss
+    and gradient with the float32 step (the gradient differs by its rounding to the half dtype).
+    The target (reported, not a failure): bfloat16 at least 3x faster than float32."""
+    gen = torch.Generator().manual_seed(17)
+    E32 = torch.randn(B, D, generator=gen).bfloat16().float().to(device)
+    y = (torch.arange(B) // P)[torch.randperm(B, generator=gen)].to(device)
+    log("| B | D | dtype | dense fwd+bwd (triton) | float32 / this time | loss, grad rel. err vs float32 |")
+    log("|---|---|---|---|---|---|")
+    res, ok = {}, True
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        E = E32.to(dt, copy=True).requires_grad_()
+
+        def step(E=E):
+            return pnp_loss(E, y, variant="Dq", backend="triton", memory_efficient=False)
+
+        res[dt] = guarded(lambda: measure(lambda: step().backward(), device, quick, [E]))
+        E.grad = None
+        out = step()
+        out.backward()
+        vals = (out.detach().float(), E.grad.float())
+        agree = ""
+        if dt == torch.float32:
+            ref = vals
+        else:
+            el, eg = rel_err(vals[0], ref[0]), rel_err(vals[1], ref[1])
+            agree = f"{el:.1e}, {eg:.1e}"
+            ok &= el <= 1e-5 and eg <= (8e-3 if dt == torch.bfloat16 else 1e-3)
+        name = str(dt).replace("torch.", "")
+        log(f"| {B} | {D} | {name} | {fmt(res[dt])} | {ratio(res[torch.float32], res[dt])} | {agree} |")
+        ok &= isinstance(res[dt], tuple)
+        E = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    speedup = ratio(res[torch.float32], res[torch.bfloat16])
+    log(f"  bfloat16 dense speed-up over float32: {speedup or 'n/a'} (target >= 3 at B = 16384, D = 512)")
+    return ok
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
@@ -1125,6 +1169,8 @@ def main():
             "me_bench",
             lambda: memory_efficient_table(device, table_backends[0], [64], [torch.float32], D=16, quick=True),
         )
+        if "triton" in cpu_backends:
+            run("dense_half", lambda: dense_half_table(device, 32, D=16, quick=True))
     else:
         # the sync-free backends on CUDA: triton, and ext when its CUDA kernels were built
         cuda_backends = [b for b in ("triton", "ext") if b in backends and (b != "ext" or not ext_build.cuda_status())]
@@ -1183,6 +1229,8 @@ def main():
                 device, "triton", [16384, 65536, 262144], [torch.float32, torch.bfloat16], quick=args.quick
             ),
         )
+        if "triton" in backends:
+            run("dense_half", lambda: dense_half_table(device, 16384, quick=args.quick))
     log("\n=== summary")
     for k, v in results.items():
         log(f"  {k}: {v}")

@@ -1,14 +1,15 @@
 // Memory-efficient ops of the pnp_kernels extension: the row losses of S = Xq Xr^T, and the
 // gradients through them, without ever holding a Q x M buffer (S or G = d loss / d S).
 //
-//   tiled_rows(Tensor Xq, Tensor Xr, Tensor lo, Tensor hi, Tensor own, int kind, int variant,
-//              float anneal, float alpha, float b, float[] ks, float[] k_temperatures,
+//   tiled_rows(Tensor Xq, Tensor Xr, Tensor lo, Tensor hi, Tensor own, Tensor? r_rows, int kind,
+//              int variant, float anneal, float alpha, float b, float[] ks, float[] k_temperatures,
 //              bool compute_grad, int block_rows) -> (Tensor loss, Tensor grad)
 //       loss: (Q,), as row_losses_and_dS on S = Xq Xr^T. grad, when compute_grad: the
 //       gradient with unit row weights, (Q + M, D) = [G Xr ; G^T Xq] (rows 0 .. Q-1: d/dXq,
-//       rows Q .. Q+M-1: d/dXr); else a (0,) tensor. A loss whose row weights g are all
-//       equal (reduction "mean") has dXq = g grad[:Q] and dXr = g grad[Q:], so its backward
-//       needs no second pass over S.
+//       rows Q .. Q+M-1: d/dXr), or with r_rows (int64 (r,), distinct rows of Xr) (Q + r, D) =
+//       [G Xr ; (G^T Xq)[r_rows]], only those columns of G entering the product; else a (0,)
+//       tensor. A loss whose row weights g are all equal (reduction "mean") has dXq = g grad[:Q]
+//       and dXr = g grad[Q:], so its backward needs no second pass over S.
 //
 //   tiled_grads(Tensor Xq, Tensor Xr, Tensor lo, Tensor hi, Tensor own, Tensor g, Tensor? r_rows,
 //               int kind, int variant, float anneal, float alpha, float b, float[] ks,
@@ -214,30 +215,53 @@ void sweep(const at::Tensor& Xq, const at::Tensor& Xr, const at::Tensor& lo, con
   for (int64_t w = 1; w < W && dXr.defined(); ++w) dXr.add_(acc[w]);
 }
 
+// The reference rows r_rows (optional) whose dXr is needed, as the columns of G that enter the
+// dXr product (their count is a shape: selecting them needs no sync); undefined: every row.
+at::Tensor checked_cols(const char* op, const std::optional<at::Tensor>& r_rows, const at::Tensor& Xq, int64_t M) {
+  if (!r_rows.has_value() || !r_rows->defined()) return at::Tensor();
+  at::Tensor cols = *r_rows;
+  TORCH_CHECK(cols.dim() == 1 && cols.scalar_type() == at::kLong && cols.device() == Xq.device(), op,
+              ": r_rows must be an int64 vector of distinct row indices of Xr on Xq's device");
+  if (!cols.is_cpu()) return cols;  // on CUDA the check below would synchronise
+  cols = cols.contiguous();
+  const int64_t* c = cols.data_ptr<int64_t>();
+  std::vector<bool> seen(static_cast<size_t>(M), false);
+  for (int64_t i = 0; i < cols.numel(); ++i) {
+    TORCH_CHECK(c[i] >= 0 && c[i] < M, op, ": r_rows must hold row indices of Xr in 0..", M - 1, ", got ", c[i]);
+    TORCH_CHECK(!seen[c[i]], op, ": r_rows must hold distinct row indices, ", c[i], " repeats");
+    seen[c[i]] = true;
+  }
+  return cols;
+}
+
 RowSpec make_spec(int64_t kind, int64_t variant, double anneal, double alpha, double b, at::ArrayRef<double> ks,
                   at::ArrayRef<double> k_temperatures) {
   return RowSpec{kind, variant, anneal, alpha, b, ks, k_temperatures};
 }
 
 std::tuple<at::Tensor, at::Tensor> tiled_rows(const at::Tensor& Xq_, const at::Tensor& Xr_, const at::Tensor& lo,
-                                              const at::Tensor& hi, const at::Tensor& own, int64_t kind,
+                                              const at::Tensor& hi, const at::Tensor& own,
+                                              const std::optional<at::Tensor>& r_rows, int64_t kind,
                                               int64_t variant, double anneal, double alpha, double b,
                                               at::ArrayRef<double> ks, at::ArrayRef<double> k_temperatures,
                                               bool compute_grad, int64_t block_rows) {
+  const char* op = "pnp_kernels_ext.tiled_rows";
   const RowSpec s = make_spec(kind, variant, anneal, alpha, b, ks, k_temperatures);
-  check_inputs("pnp_kernels_ext.tiled_rows", Xq_, Xr_, lo, hi, own, s, block_rows);
+  check_inputs(op, Xq_, Xr_, lo, hi, own, s, block_rows);
   const at::Tensor Xq = Xq_.contiguous(), Xr = Xr_.contiguous();
   const int64_t Q = Xq.size(0), M = Xr.size(0), D = Xq.size(1);
+  const at::Tensor cols = compute_grad ? checked_cols(op, r_rows, Xq, M) : at::Tensor();
+  const int64_t n_r = cols.defined() ? cols.size(0) : M;
   at::Tensor loss = at::empty({Q}, Xq.options());
-  at::Tensor grad = at::empty({compute_grad ? Q + M : 0, D}, Xq.options());
+  at::Tensor grad = at::empty({compute_grad ? Q + n_r : 0, D}, Xq.options());
   at::Tensor dXq, dXr;
   if (compute_grad) {
     dXq = grad.narrow(0, 0, Q);
-    dXr = grad.narrow(0, Q, M).zero_();
+    dXr = grad.narrow(0, Q, n_r).zero_();
   } else {
     grad = at::empty({0}, Xq.options());
   }
-  sweep(Xq, Xr, lo, hi, own, s, at::Tensor(), at::Tensor(), loss, dXq, dXr, block_rows);
+  sweep(Xq, Xr, lo, hi, own, s, at::Tensor(), cols, loss, dXq, dXr, block_rows);
   return {loss, grad};
 }
 
@@ -258,23 +282,8 @@ std::tuple<at::Tensor, at::Tensor> tiled_grads(const at::Tensor& Xq_, const at::
   at::Tensor dXq = need_q ? at::empty({Q, D}, Xq.options()) : empty;
   at::Tensor dXr = need_r ? at::zeros({M, D}, Xq.options()) : empty;
   if (!need_q && !need_r) return {dXq, dXr};
-  at::Tensor cols, acc = need_r ? dXr : at::Tensor();
-  if (need_r && r_rows.has_value() && r_rows->defined()) {
-    cols = *r_rows;  // only these columns enter the dXr products (their count is a shape: no sync)
-    TORCH_CHECK(cols.dim() == 1 && cols.scalar_type() == at::kLong && cols.device() == Xq.device(), op,
-                ": r_rows must be an int64 vector of distinct row indices of Xr on Xq's device");
-    if (cols.is_cpu()) {  // on CUDA the check would synchronise
-      cols = cols.contiguous();
-      const int64_t* c = cols.data_ptr<int64_t>();
-      std::vector<bool> seen(static_cast<size_t>(M), false);
-      for (int64_t i = 0; i < cols.numel(); ++i) {
-        TORCH_CHECK(c[i] >= 0 && c[i] < M, op, ": r_rows must hold row indices of Xr in 0..", M - 1, ", got ", c[i]);
-        TORCH_CHECK(!seen[c[i]], op, ": r_rows must hold distinct row indices, ", c[i], " repeats");
-        seen[c[i]] = true;
-      }
-    }
-    acc = at::zeros({cols.size(0), D}, Xq.options());
-  }
+  const at::Tensor cols = need_r ? checked_cols(op, r_rows, Xq, M) : at::Tensor();
+  const at::Tensor acc = !need_r ? at::Tensor() : cols.defined() ? at::zeros({cols.size(0), D}, Xq.options()) : dXr;
   sweep(Xq, Xr, lo, hi, own, s, g.contiguous(), cols, at::Tensor(), need_q ? dXq : at::Tensor(), acc, block_rows);
   if (cols.defined()) dXr.index_copy_(0, cols, acc);
   return {dXq, dXr};
@@ -285,8 +294,8 @@ std::tuple<at::Tensor, at::Tensor> tiled_grads(const at::Tensor& Xq_, const at::
 
 TORCH_LIBRARY_FRAGMENT(pnp_kernels_ext, m) {
   m.def(
-      "tiled_rows(Tensor Xq, Tensor Xr, Tensor lo, Tensor hi, Tensor own, int kind, int variant, float anneal, "
-      "float alpha, float b, float[] ks, float[] k_temperatures, bool compute_grad, int block_rows) "
+      "tiled_rows(Tensor Xq, Tensor Xr, Tensor lo, Tensor hi, Tensor own, Tensor? r_rows, int kind, int variant, "
+      "float anneal, float alpha, float b, float[] ks, float[] k_temperatures, bool compute_grad, int block_rows) "
       "-> (Tensor loss, Tensor grad)");
   m.def(
       "tiled_grads(Tensor Xq, Tensor Xr, Tensor lo, Tensor hi, Tensor own, Tensor g, Tensor? r_rows, int kind, "

@@ -98,7 +98,10 @@ class ReferenceLoss(torch.autograd.Function):
         impl = get_backend(backend)
         compute_grad = need_q or need_r
         with _autocast_off(Eq.device.type):
-            out, n_valid, prep, G = impl.reference_forward(Eq, yq, Er, yr, query_ref_index, spec, compute_grad)
+            # the reference rows that need a gradient: none without need_r (r_live 0)
+            out, n_valid, prep, G = impl.reference_forward(
+                Eq, yq, Er, yr, query_ref_index, spec, compute_grad, r_live if need_r else 0
+            )
         ctx.meta = (spec, backend, Eq.dtype, Er.dtype, need_q, need_r, r_live)
         ctx.mark_non_differentiable(n_valid)
         if compute_grad:
@@ -171,7 +174,7 @@ def _square_fwd_fake(E, labels, kind, variant, anneal, alpha, b, cosine, mean, *
     return [
         new() if mean else new(n),
         new(),
-        new(n, d),
+        new(n, d, dtype=get_backend(backend).rows_dtype(E.dtype)),  # Xs: half rows where the backend keeps them
         new(n, dtype=torch.int64),
         new(n, dtype=torch.int32),
         new(n, dtype=torch.int32),
@@ -284,7 +287,7 @@ def _reference_fwd(
     spec = LossSpec.from_flat(kind, variant, anneal, alpha, b, cosine, mean, ks, k_temperatures, memory_efficient)
     with _autocast_off(Eq.device.type):
         out, n_valid, prep, G = get_backend(backend).reference_forward(
-            Eq, yq, Er, yr, query_ref_index, spec, compute_grad
+            Eq, yq, Er, yr, query_ref_index, spec, compute_grad, r_live
         )
     inputs = (Eq, yq, Er, yr, query_ref_index)
     return [out, n_valid, *[_fresh(t, inputs) for t in prep], _empty_like_none(G, out)]
@@ -314,13 +317,14 @@ def _reference_fwd_fake(
     q, d = Eq.shape
     m = Er.shape[0]
     dt = LossSpec.compute_dtype_of(Eq.dtype)
+    rows_dt = get_backend(backend).rows_dtype(Eq.dtype, Er.dtype)  # Xq, Xr: half where the backend keeps them
     new = lambda *shape, dtype=dt: Eq.new_empty(shape, dtype=dtype)  # noqa: E731
     return [
         new() if mean else new(q),
         new(),
-        new(q, d),
+        new(q, d, dtype=rows_dt),
         new(q) if cosine else new(0),
-        new(m, d),
+        new(m, d, dtype=rows_dt),
         new(m, dtype=torch.int64),
         new(m) if cosine else new(0),
         new(q, dtype=torch.int32),

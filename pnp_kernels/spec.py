@@ -153,7 +153,8 @@ class LossSpec:
 
 
 class SquarePrep(NamedTuple):
-    """One batch ranked against itself, in label-sorted order."""
+    """One batch ranked against itself, in label-sorted order. A backend that keeps half rows
+    (``Backend.rows_dtype``) stores them as they are, not normalised, with their norms."""
 
     Xs: torch.Tensor  # (B, D) rows in label-sorted order, normalised for "cosine", compute dtype
     perm: torch.Tensor  # (B,) int64: sorted position -> original row

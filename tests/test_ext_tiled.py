@@ -133,13 +133,13 @@ def test_ops_match_oracle(dtype, kind_name, kind, case, block_rows):
     tol = TOL[dtype]
     for v in _variants(kind):
         ref_loss, dS = _oracle(case, kind, v.name)
-        loss, grad = _ops().tiled_rows(Xq, Xr, lo, hi, own, *_spec_args(kind, v), True, block_rows)
+        loss, grad = _ops().tiled_rows(Xq, Xr, lo, hi, own, None, *_spec_args(kind, v), True, block_rows)
         assert loss.dtype == dtype and grad.shape == (Q + M, Xq.shape[1])
         assert _rel(loss, ref_loss) <= tol, (v.name, _rel(loss, ref_loss))
         # the unit-weight gradient: [dS Xr; dS^T Xq]
         assert _rel(grad[:Q], dS @ Xr64) <= tol, v.name
         assert _rel(grad[Q:], dS.t() @ Xq64) <= tol, v.name
-        loss2, empty = _ops().tiled_rows(Xq, Xr, lo, hi, own, *_spec_args(kind, v), False, block_rows)
+        loss2, empty = _ops().tiled_rows(Xq, Xr, lo, hi, own, None, *_spec_args(kind, v), False, block_rows)
         assert empty.shape == (0,) and torch.equal(loss2, loss)  # the same rows with or without the gradient
         # weighted rows, recomputed
         dXq, dXr = _ops().tiled_grads(
@@ -159,12 +159,30 @@ def test_ops_match_dense_ext_path(dtype, kind_name, kind):
     Q = Xq.shape[0]
     v = _variants(kind)[-1]
     dense_loss, G = _ops().row_losses_and_dS(Xq @ Xr.t(), lo, hi, own, *_spec_args(kind, v), True)
-    loss, grad = _ops().tiled_rows(Xq, Xr, lo, hi, own, *_spec_args(kind, v), True, 4)
+    loss, grad = _ops().tiled_rows(Xq, Xr, lo, hi, own, None, *_spec_args(kind, v), True, 4)
     tol = 1e-6 if dtype == torch.float32 else 1e-13  # the strips' GEMMs may round differently
     assert _rel(loss, dense_loss) <= tol
     assert _rel(grad[:Q], G @ Xr) <= tol and _rel(grad[Q:], G.t() @ Xq) <= tol
     dropped = dense_loss == 0
     assert dropped.any() and (loss[dropped] == 0).all() and (grad[:Q][dropped] == 0).all()
+
+
+def test_ops_forward_r_rows():
+    """tiled_rows with r_rows: the finished gradient holds G^T Xq for those rows only, in their order; errors
+    name r_rows."""
+    Xq, Xr, lo, hi, own = _case("rect")
+    Q = Xq.shape[0]
+    args = _spec_args(LOSS_KINDS["pnp"], VARIANTS["Dq"])
+    loss, full = _ops().tiled_rows(Xq, Xr, lo, hi, own, None, *args, True, 0)
+    rows = torch.tensor([40, 3, 17, 60])
+    loss2, part = _ops().tiled_rows(Xq, Xr, lo, hi, own, rows, *args, True, 0)
+    assert torch.equal(loss2, loss) and part.shape == (Q + 4, Xq.shape[1])
+    torch.testing.assert_close(part[:Q], full[:Q], rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(part[Q:], full[Q:][rows], rtol=1e-12, atol=1e-15)
+    _, none = _ops().tiled_rows(Xq, Xr, lo, hi, own, torch.zeros(0, dtype=torch.int64), *args, True, 0)
+    assert none.shape == (Q, Xq.shape[1])
+    with pytest.raises(RuntimeError, match="r_rows must hold row indices of Xr in 0..60, got 61"):
+        _ops().tiled_rows(Xq, Xr, lo, hi, own, torch.tensor([61]), *args, True, 0)
 
 
 def test_ops_r_rows_and_need_flags():
@@ -200,7 +218,7 @@ def test_ops_deterministic():
         args = _spec_args(kind, VARIANTS["Dq"])
         runs = [
             (
-                _ops().tiled_rows(X, X, lo, hi, own, *args, True, 0),
+                _ops().tiled_rows(X, X, lo, hi, own, None, *args, True, 0),
                 _ops().tiled_grads(X, X, lo, hi, own, g, None, *args, True, True, 0),
             )
             for _ in range(2)
@@ -216,17 +234,17 @@ def test_ops_odd_shapes():
     X = torch.randn(5, 4)
     # no query
     loss, grad = ops.tiled_rows(
-        X[:0], X, torch.zeros(0, **i32), torch.zeros(0, **i32), torch.zeros(0, **i32), *args, True, 0
+        X[:0], X, torch.zeros(0, **i32), torch.zeros(0, **i32), torch.zeros(0, **i32), None, *args, True, 0
     )
     assert loss.shape == (0,) and grad.shape == (5, 4) and (grad == 0).all()
     # no reference row: every segment empty
     z = torch.zeros(5, **i32)
-    loss, grad = ops.tiled_rows(X, X[:0], z, z, z - 1, *args, True, 0)
+    loss, grad = ops.tiled_rows(X, X[:0], z, z, z - 1, None, *args, True, 0)
     assert (loss == 0).all() and grad.shape == (5, 4) and (grad == 0).all()
     # no feature: S = 0
     lo = torch.tensor([0, 0, 2, 2, 4], **i32)
     hi = torch.tensor([2, 2, 4, 4, 4], **i32)
-    loss, grad = ops.tiled_rows(X[:, :0], X[:, :0], lo, hi, torch.arange(5, **i32), *args, True, 0)
+    loss, grad = ops.tiled_rows(X[:, :0], X[:, :0], lo, hi, torch.arange(5, **i32), None, *args, True, 0)
     assert torch.isfinite(loss).all() and grad.shape == (10, 0)
 
 
@@ -236,8 +254,8 @@ def test_ops_nan_row():
     Xq = Xq.clone()
     Xq[9, 3] = float("nan")
     args = _spec_args(LOSS_KINDS["smooth_ap"], VARIANTS["O"])
-    loss, _ = _ops().tiled_rows(Xq, Xr, lo, hi, own, *args, False, 4)
-    clean, _ = _ops().tiled_rows(_case("rect")[0], Xr, lo, hi, own, *args, False, 4)
+    loss, _ = _ops().tiled_rows(Xq, Xr, lo, hi, own, None, *args, False, 4)
+    clean, _ = _ops().tiled_rows(_case("rect")[0], Xr, lo, hi, own, None, *args, False, 4)
     assert torch.isnan(loss[9]) and hi[9] > lo[9]
     keep = torch.arange(Xq.shape[0]) != 9
     assert torch.equal(loss[keep], clean[keep])
@@ -250,22 +268,22 @@ def test_ops_errors():
     bad = hi.clone()
     bad[3] = Xr.shape[0] + 2
     with pytest.raises(RuntimeError, match=r"segment .* of row 3 is out of range"):
-        ops.tiled_rows(Xq, Xr, lo, bad, own, *args, True, 0)
+        ops.tiled_rows(Xq, Xr, lo, bad, own, None, *args, True, 0)
     with pytest.raises(RuntimeError, match="Xr must have Xq's dtype"):
-        ops.tiled_rows(Xq, Xr.float(), lo, hi, own, *args, True, 0)
+        ops.tiled_rows(Xq, Xr.float(), lo, hi, own, None, *args, True, 0)
     with pytest.raises(RuntimeError, match="same number of columns"):
-        ops.tiled_rows(Xq, Xr[:, :5], lo, hi, own, *args, True, 0)
+        ops.tiled_rows(Xq, Xr[:, :5], lo, hi, own, None, *args, True, 0)
     with pytest.raises(RuntimeError, match="own must be a contiguous int32"):
-        ops.tiled_rows(Xq, Xr, lo, hi, own.long(), *args, True, 0)
+        ops.tiled_rows(Xq, Xr, lo, hi, own.long(), None, *args, True, 0)
     with pytest.raises(RuntimeError, match="block_rows must be >= 0"):
-        ops.tiled_rows(Xq, Xr, lo, hi, own, *args, True, -1)
+        ops.tiled_rows(Xq, Xr, lo, hi, own, None, *args, True, -1)
     rargs = (LOSS_RECALL_AT_K, 0, TAU, ALPHA, B_IB, [], [])
     with pytest.raises(RuntimeError, match="ks must hold at least one k"):
-        ops.tiled_rows(Xq, Xr, lo, hi, own, *rargs, True, 0)
+        ops.tiled_rows(Xq, Xr, lo, hi, own, None, *rargs, True, 0)
     bad_own = own.clone()
     bad_own[4] = Xr.shape[0]
     with pytest.raises(RuntimeError, match="own column .* of row 4 is out of range"):
-        ops.tiled_rows(Xq, Xr, lo, hi, bad_own, LOSS_RECALL_AT_K, 0, TAU, ALPHA, B_IB, KS, K_TEMPS, True, 0)
+        ops.tiled_rows(Xq, Xr, lo, hi, bad_own, None, LOSS_RECALL_AT_K, 0, TAU, ALPHA, B_IB, KS, K_TEMPS, True, 0)
     g = _weights(Xq.shape[0])
     with pytest.raises(RuntimeError, match="g must be a vector"):
         ops.tiled_grads(Xq, Xr, lo, hi, own, g[:-1], None, *args, True, True, 0)
@@ -283,13 +301,15 @@ def test_ops_errors():
 @pytest.mark.parametrize("kind_name,kind", KINDS)
 @pytest.mark.parametrize("case", ["square", "rect"])
 def test_backend_state_equal_and_unequal_weights(kind_name, kind, case):
-    """Square mode with "mean": the state is the forward's unit-weight gradient, scaled by an expanded (equal)
-    weight; any other weight vector is recomputed from the strips. "none", and any reference set (which may need
-    dXr for a few rows, or none): nothing kept, recomputed."""
+    """With "mean" the state is the forward's unit-weight gradient, scaled by an expanded (equal) weight (with
+    r_rows, of those reference rows only); any other weight vector is recomputed from the strips. "none":
+    nothing kept, recomputed."""
     be = get_backend("ext")
     Xq, Xr, lo, hi, own = _case(case)
-    Q = Xq.shape[0]
+    Q, M = Xq.shape[0], Xr.shape[0]
     ref_loss, dS = _oracle(case, kind, "O")
+    live = torch.arange(M) % 3 == 1  # r_rows: the rows whose dXr is needed
+    r_rows = live.nonzero()[:, 0].flip(0)  # any order
     for mean in (True, False):
         spec = LossSpec(
             kind=kind,
@@ -303,15 +323,17 @@ def test_backend_state_equal_and_unequal_weights(kind_name, kind, case):
         )
         loss, state = be.tiled_rows(Xq, Xr, lo, hi, own, spec, True)
         assert _rel(loss, ref_loss) <= 1e-12
-        assert state.shape == ((Q + Xr.shape[0], Xq.shape[1]) if mean and Xq is Xr else (0,))
+        assert state.shape == ((Q + M, Xq.shape[1]) if mean else (0,))
         for g in (torch.tensor([0.7], dtype=torch.float64).expand(Q), _weights(Q)):
             dXq, dXr = be.tiled_grads(Xq, Xr, lo, hi, own, state, g, spec, True, True)
             dSw = dS * g[:, None]
             assert _rel(dXq, dSw @ Xr) <= 1e-12 and _rel(dXr, dSw.t() @ Xq) <= 1e-12
-        live = torch.arange(Xr.shape[0]) % 3 == 1  # r_rows: the rows whose dXr is needed
-        dXq, dXr = be.tiled_grads(Xq, Xr, lo, hi, own, state, _weights(Q), spec, False, True, live.nonzero()[:, 0])
-        assert dXq is None and dXr.shape == Xr.shape
-        assert _rel(dXr[live], ((dS * _weights(Q)[:, None]).t() @ Xq)[live]) <= 1e-12
+        _, state = be.tiled_rows(Xq, Xr, lo, hi, own, spec, True, r_rows)
+        assert state.shape == ((Q + int(live.sum()), Xq.shape[1]) if mean else (0,))
+        for g in (torch.tensor([0.7], dtype=torch.float64).expand(Q), _weights(Q)):
+            dXq, dXr = be.tiled_grads(Xq, Xr, lo, hi, own, state, g, spec, False, True, r_rows)
+            assert dXq is None and dXr.shape == Xr.shape and (dXr[~live] == 0).all()
+            assert _rel(dXr[live], ((dS * g[:, None]).t() @ Xq)[live]) <= 1e-12
         _, none_state = be.tiled_rows(Xq, Xr, lo, hi, own, spec, False)
         assert none_state is None
 

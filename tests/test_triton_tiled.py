@@ -259,7 +259,7 @@ def test_float16_reference_set_within_2x_of_half_reference():
 
 def test_half_rows_reach_the_kernels_unrounded():
     """The memory-efficient preparation keeps the sorted half rows and float32 norms (never
-    normalised half vectors); the dense path still prepares normalised float32 rows."""
+    normalised half vectors); the dense path prepares the same (tests/test_triton_half_dense.py)."""
     from pnp_kernels.backends import get_backend
 
     impl = get_backend("triton")
@@ -271,7 +271,7 @@ def test_half_rows_reach_the_kernels_unrounded():
     assert prep.denom.dtype == torch.float32
     assert torch.allclose(prep.denom, E.float().norm(dim=1)[prep.perm], rtol=1e-6)
     dense = impl.prepare(E, y, LossSpec(memory_efficient=False))
-    assert dense.Xs.dtype == torch.float32 and torch.equal(dense.perm, prep.perm)
+    assert torch.equal(dense.Xs, prep.Xs) and torch.equal(dense.perm, prep.perm)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bfloat16 Triton is a GPU check (no bf16 in the interpreter)")
@@ -317,3 +317,21 @@ def test_dot_precisions():
     assert tt._precisions(torch.float16)[1:] == (0, "tf32x3")
     assert tt._precisions(torch.bfloat16)[1] == 3
     assert tt.FLOAT32_DOT in ("tf32x3", "ieee")
+
+
+@pytest.mark.parametrize("name,fn,oracle,opts", [HALF_KINDS[0], HALF_KINDS[2]], ids=["pnp", "recall_at_k"])
+def test_square_batch_with_a_class_beyond_the_state(name, fn, oracle, opts, monkeypatch):
+    """End to end, square mode: a class of 13 rows against a state of 4 lanes a row (the backward's windows),
+    "none" reduction with weights; loss and gradient equal the float64 oracle."""
+    tt = _tt()
+    monkeypatch.setattr(tt, "MIN_LANES", tt.config().block_p)
+    gen = make_generator(77)
+    y = torch.cat([torch.zeros(13, dtype=torch.long), torch.arange(1, 12).repeat_interleave(2)])
+    E = torch.randn(y.shape[0], 8, generator=gen, dtype=torch.float64)
+    w = torch.rand(y.shape[0], generator=gen, dtype=torch.float64)
+    kw = dict(opts, reduction="none")
+    ref, ref_g = loss_and_grad(lambda x: oracle(x, y, **kw), E, w)
+    out, grad = loss_and_grad(
+        lambda x: fn(x, y.to(DEV), backend="triton", memory_efficient=True, **kw).cpu(), E.float().to(DEV), w
+    )
+    assert rel_err(out, ref) <= TOL32 and rel_err(grad.cpu(), ref_g) <= TOL32

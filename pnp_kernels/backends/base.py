@@ -9,17 +9,19 @@ PyTorch default here; a backend overrides the stages it fuses.
 Square mode (one batch ranked against itself), in label-sorted order:
 
     prep = prepare(E, labels)                sort, segments [lo, hi), Xs = normalise(E[perm])
-    S = Xs Xs^T                              GEMM, float32 (float64 for float64 input)
+    S = similarity(Xs, Xs)                   GEMM (torch.mm), S float32 (float64 for float64 input)
     row_loss, G = row_losses_and_dS(S, lo, hi)      G[p, :] = d row_loss[p] / d S[p, :]
     out, n_valid = reduce(row_loss, ...)     "mean" scalar or "none" vector, valid count
   backward, with g_p = d out / d row_loss[p] times the upstream gradient:
     H = symmetric_grad(G, grad_out, ...)     diag(g) G + (diag(g) G)^T   (S = Xs Xs^T)
-    dE = unprepare(H Xs)                     back through the normalisation and the sort
+    dE = unprepare(grad_product(H, Xs))      back through the normalisation and the sort
 
 Reference mode (Q queries against M reference rows): only the reference is sorted;
 S = Xq Xr^T is Q x M, the same row stage runs on it, and backward is
 dXq = (diag(g) G) Xr, dXr = (diag(g) G)^T Xq, each back through its normalisation
 (and the reference's sort). Memory is O(Q M): at most two Q x M buffers at once.
+A backend may keep float16 / bfloat16 rows as they are (:meth:`Backend.rows_dtype`) and
+multiply them in its own :meth:`Backend.similarity` and :meth:`Backend.grad_product`.
 
 Every default stage is built from fixed-shape device ops (sort, searchsorted,
 index_copy), so nothing here synchronises the host with a GPU. The normalisation
@@ -94,12 +96,22 @@ class Backend:
     # ---- the memory-efficient (tiled) stage: PyTorch default, backends may fuse it -------
 
     def tiled_rows(
-        self, Xq: Tensor, Xr: Tensor, lo: Tensor, hi: Tensor, own: Tensor, spec: LossSpec, compute_grad: bool
+        self,
+        Xq: Tensor,
+        Xr: Tensor,
+        lo: Tensor,
+        hi: Tensor,
+        own: Tensor,
+        spec: LossSpec,
+        compute_grad: bool,
+        r_rows: Optional[Tensor] = None,
     ) -> Tuple[Tensor, Optional[Tensor]]:
         """The row losses of S = Xq Xr^T without storing S: (row_loss, state or None).
 
         ``state`` is what :meth:`tiled_grads` needs, O(Q * P_max): per (row, positive
-        lane) the weights a, b and the row sum T of docs/semantics.md.
+        lane) the weights a, b and the row sum T of docs/semantics.md. ``r_rows``: the
+        reference rows whose dXr the backward will ask for (as in :meth:`tiled_grads`), for
+        a backend that finishes gradients in the forward; the default ignores it.
         """
         return tiled.tiled_rows(Xq, Xr, lo, hi, own, spec, compute_grad)
 
@@ -163,6 +175,35 @@ class Backend:
         g = self.row_weights(grad_out.to(G.dtype), prep.perm, n_valid, G.shape[0], spec)
         return self.symmetrize(G, g)
 
+    # ---- the dense path's two GEMMs: torch.mm on the compute dtype, backends may replace them ----
+
+    def rows_dtype(self, *dtypes: torch.dtype) -> torch.dtype:
+        """The dtype of the prepared rows (``SquarePrep.Xs``, ``ReferencePrep.Xq`` / ``Xr``) for
+        embeddings of these dtypes: the compute dtype, unless a backend keeps half rows."""
+        return self.compute_dtype(dtypes[0])
+
+    def similarity(self, Xq: Tensor, denom_q: Tensor, Xr: Tensor, denom_r: Tensor, spec: LossSpec) -> Tensor:
+        """S = Xq Xr^T of the dense path, from prepared rows and their norms (``denom``, as
+        :meth:`prepare` returns them; read by a backend that keeps the rows unnormalised)."""
+        return torch.mm(Xq, Xr.t())
+
+    def grad_product(
+        self,
+        G: Tensor,
+        X: Tensor,
+        denom: Tensor,
+        spec: LossSpec,
+        row_scale: Optional[Tensor] = None,
+        col_scale: Optional[Tensor] = None,
+    ) -> Tensor:
+        """diag(row_scale) G diag(col_scale) X of the dense backward, X prepared rows with their
+        norms ``denom`` (as for :meth:`similarity`): the gradient with respect to the rows that
+        S was formed from, G (Q, K) any strides, either scale optional."""
+        if col_scale is not None:
+            X = X * col_scale[:, None]
+        out = torch.mm(G, X)
+        return out if row_scale is None else out.mul_(row_scale[:, None])
+
     def unprepare(
         self, dX: Tensor, X: Tensor, denom: Tensor, perm: Optional[Tensor], cosine: bool, out_dtype: torch.dtype
     ) -> Tensor:
@@ -197,7 +238,7 @@ class Backend:
         if spec.memory_efficient:
             row_loss, G = self.tiled_rows(prep.Xs, prep.Xs, prep.lo, prep.hi, own, spec, compute_grad)
         else:
-            S = torch.mm(prep.Xs, prep.Xs.t())
+            S = self.similarity(prep.Xs, prep.denom, prep.Xs, prep.denom, spec)
             row_loss, G = self.row_losses_and_dS(S, prep.lo, prep.hi, own, spec, compute_grad)
             del S  # at most two B x B buffers alive at once
         out, n_valid = self.reduce(row_loss, prep.lo, prep.hi, prep.perm, spec)
@@ -215,7 +256,7 @@ class Backend:
             assert dXq is not None and dXr is not None
             return self.unprepare(dXq + dXr, prep.Xs, prep.denom, prep.perm, spec.cosine, out_dtype)
         H = self.symmetric_grad(G, grad_out, prep, n_valid, spec)
-        dXs = torch.mm(H, prep.Xs)
+        dXs = self.grad_product(H, prep.Xs, prep.denom, spec)
         del H
         return self.unprepare(dXs, prep.Xs, prep.denom, prep.perm, spec.cosine, out_dtype)
 
@@ -246,6 +287,15 @@ class Backend:
         Xr, denom_r = self.normalize(Er.index_select(0, perm_r).to(cdt), spec.cosine)
         return ReferencePrep(Xq, denom_q, Xr, perm_r, denom_r, lo, hi, own)
 
+    @staticmethod
+    def live_positions(prep: ReferencePrep, r_live: int) -> Optional[Tensor]:
+        """The sorted positions of the reference rows 0 .. r_live - 1 (the ones that need a
+        gradient), or None when every row does (r_live < 0 or >= M). Fixed size, sync-free: a
+        stable sort puts the r_live positions whose original row is < r_live first."""
+        if not 0 <= r_live < prep.Xr.shape[0]:
+            return None
+        return torch.argsort((prep.perm_r >= r_live).to(torch.int8), stable=True)[:r_live]
+
     def reference_forward(
         self,
         Eq: Tensor,
@@ -255,14 +305,17 @@ class Backend:
         query_ref_index: Optional[Tensor],
         spec: LossSpec,
         compute_grad: bool,
+        r_live: int = -1,
     ) -> ForwardResult:
         """The whole reference-mode forward: (output, n_valid, ReferencePrep, G or None); on
-        the memory-efficient path the last item is the tiled state instead of G."""
+        the memory-efficient path the last item is the tiled state instead of G. ``r_live``
+        as in :meth:`reference_backward`, which must get the same value."""
         prep = self.prepare_reference(Eq, yq, Er, yr, query_ref_index, spec)
         if spec.memory_efficient:
-            row_loss, G = self.tiled_rows(prep.Xq, prep.Xr, prep.lo, prep.hi, prep.own, spec, compute_grad)
+            r_rows = self.live_positions(prep, r_live) if compute_grad else None
+            row_loss, G = self.tiled_rows(prep.Xq, prep.Xr, prep.lo, prep.hi, prep.own, spec, compute_grad, r_rows)
         else:
-            S = torch.mm(prep.Xq, prep.Xr.t())
+            S = self.similarity(prep.Xq, prep.denom_q, prep.Xr, prep.denom_r, spec)
             row_loss, G = self.row_losses_and_dS(S, prep.lo, prep.hi, prep.own, spec, compute_grad)
             del S
         out, n_valid = self.reduce(row_loss, prep.lo, prep.hi, None, spec)
@@ -290,20 +343,17 @@ class Backend:
         dXr is computed for those rows only and the others get 0."""
         g = self.row_weights(grad_out.to(self.compute_dtype(prep.Xq.dtype)), None, n_valid, prep.Xq.shape[0], spec)
         M = prep.Xr.shape[0]
-        live = need_r and 0 <= r_live < M
-        # sorted positions of the live rows, in a fixed-size, sync-free form: a stable sort
-        # puts the r_live positions whose original row is < r_live first
-        sel = torch.argsort((prep.perm_r >= r_live).to(torch.int8), stable=True)[:r_live] if live else None
+        sel = self.live_positions(prep, r_live) if need_r else None
         if spec.memory_efficient:
             dXq, dXr = self.tiled_grads(prep.Xq, prep.Xr, prep.lo, prep.hi, prep.own, G, g, spec, need_q, need_r, sel)
             if dXr is not None and sel is not None:
                 dXr = dXr.index_select(0, sel)
         else:
-            dXq = torch.mm(G, prep.Xr).mul_(g[:, None]) if need_q else None
+            dXq = self.grad_product(G, prep.Xr, prep.denom_r, spec, row_scale=g) if need_q else None
             dXr = None
             if need_r:
                 Gr = G if sel is None else G.index_select(1, sel)
-                dXr = torch.mm(Gr.t(), prep.Xq * g[:, None])
+                dXr = self.grad_product(Gr.t(), prep.Xq, prep.denom_q, spec, col_scale=g)
         dEq = dEr = None
         if dXq is not None:
             dEq = self.unprepare(dXq, prep.Xq, prep.denom_q, None, spec.cosine, q_dtype)

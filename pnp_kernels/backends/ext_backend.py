@@ -102,14 +102,16 @@ class ExtBackend(Backend):
         own: torch.Tensor,
         spec: LossSpec,
         compute_grad: bool,
+        r_rows: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Row losses in strips of rows, no Q x M buffer. The state: in the square mode (Xq is
-        Xr) with ``reduction="mean"`` (equal row weights), the gradient with unit weights,
-        (Q + M, D) = [G Xr; G^T Xq], finished in this one pass; otherwise a (0,) tensor, and
-        :meth:`tiled_grads` recomputes the strips with the row weights (a reference set may
-        need dXr for a few rows only, or none: a detached memory bank)."""
-        finish = compute_grad and spec.mean and Xq is Xr
-        loss, grad = ext_build.ops().tiled_rows(*self._tiled_args(Xq, Xr, lo, hi, own, spec), finish, 0)
+        """Row losses in strips of rows, no Q x M buffer. The state: with ``reduction="mean"``
+        (equal row weights) the gradient with unit weights, [G Xr; G^T Xq] ((Q + M, D); with
+        ``r_rows``, the reference rows that need a gradient, only those rows of G^T Xq:
+        (Q + r, D)), finished in this one pass; otherwise a (0,) tensor, and
+        :meth:`tiled_grads` recomputes the strips with the row weights."""
+        finish = compute_grad and spec.mean
+        args = self._tiled_args(Xq, Xr, lo, hi, own, spec)
+        loss, grad = ext_build.ops().tiled_rows(*args[:5], r_rows if finish else None, *args[5:], finish, 0)
         if not compute_grad:
             return loss, None
         return loss, (grad if finish else loss.new_empty(0))
@@ -131,15 +133,20 @@ class ExtBackend(Backend):
         """(dXq, dXr) from the state of :meth:`tiled_rows`: scaled from the finished unit-weight
         gradient when the row weights are provably equal (an expanded scalar, as
         ``Backend.row_weights`` makes for "mean"; checked from the strides, without reading
-        a device value), else recomputed strip by strip with the weights g."""
-        Q = Xq.shape[0]
+        a device value), else recomputed strip by strip with the weights g. ``r_rows`` must be
+        what the forward had."""
+        Q, M = Xq.shape[0], Xr.shape[0]
         equal = Q <= 1 or g.stride(0) == 0  # before the cast, which may copy the expanded view
         g = g.to(Xq.dtype)
         if state.dim() == 2 and equal:
             dXq = state[:Q] * g[:, None] if need_q else None
             dXr = None
             if need_r:
-                dXr = state[Q:] * g[:1, None] if Q else torch.zeros_like(state[Q:])
+                part = state[Q:] * g[:1, None] if Q else torch.zeros_like(state[Q:])
+                if r_rows is None:
+                    dXr = part
+                else:  # the rows the forward finished, in the order of r_rows
+                    dXr = part.new_zeros(M, part.shape[1]).index_copy_(0, r_rows, part)
             return dXq, dXr
         args = self._tiled_args(Xq, Xr, lo, hi, own, spec)
         dXq, dXr = ext_build.ops().tiled_grads(

@@ -3,16 +3,19 @@
 Square mode runs entirely in Triton kernels around torch.sort and the two GEMMs
 (prep, row kernel, reduce; symmetrise with the row weights formed in-kernel,
 un-prep). Reference mode uses the row kernel and the reduce kernel, with the
-default PyTorch preparation and backward GEMMs of :class:`~.base.Backend`.
+default PyTorch preparation of :class:`~.base.Backend`.
 No stage of the dense path synchronises the host with the GPU.
 
-The memory-efficient path (``tiled_rows`` / ``tiled_grads``) runs the fused kernels
-of ``triton_tiled``. float16 / bfloat16 embeddings reach it as they are: the
-preparation keeps the sorted half rows (not normalised) with their float32 norms,
-the kernels multiply the half values with float32 accumulation and rescale by the
-inverse norms, and ``unprepare`` normalises them in float32 for the way back. Its
-forward reads the longest class segment on the host once per call (to size the
-per-(row, positive) state); its backward is sync-free.
+float32 embeddings: the GEMMs are torch.mm in float32 (TF32 only when
+``torch.backends.cuda.matmul.allow_tf32`` says so). float16 / bfloat16 embeddings of one
+dtype are never upcast to a float32 GEMM, on either path: the preparation keeps the
+sorted half rows (not normalised) with their float32 norms, the kernels multiply the
+half values with float32 accumulation and rescale by the inverse norms, and
+``unprepare`` normalises the rows in float32 for the way back. On the dense path the two
+products are the kernels of ``triton_gemm`` (S = Xq Xr^T; G X, G never rounded to one
+half or TF32 term). The memory-efficient path (``tiled_rows`` /
+``tiled_grads``) runs the fused kernels of ``triton_tiled``, sync-free too (its state is
+sized from the shapes; lanes beyond it are recomputed in the backward).
 """
 
 from __future__ import annotations
@@ -22,20 +25,23 @@ from typing import Optional, Tuple
 import torch
 
 from ..spec import LossSpec, ReferencePrep, SquarePrep
+from . import triton_gemm as tgemm
 from . import triton_kernels as tk
 from . import triton_tiled as tt
 from .base import Backend
 
 __all__ = ["TritonBackend"]
 
+_HALF = (torch.float16, torch.bfloat16)
+
 
 class TritonBackend(Backend):
-    """GEMMs through torch, everything else in fused Triton kernels; float32 compute."""
+    """Fused Triton kernels around the GEMMs (torch.mm for float32 rows, Triton for half rows); float32 compute."""
 
     name = "triton"
     devices = ("cuda", "cpu")  # "cpu" only under TRITON_INTERPRET=1 (check_tensor says so)
     compute_dtypes = (torch.float32,)
-    sync_free = True  # the dense path; the memory-efficient forward reads the longest segment once
+    sync_free = True  # both paths
     auto_devices = ("cuda",)
 
     def why_unavailable(self) -> str:
@@ -56,15 +62,15 @@ class TritonBackend(Backend):
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         return tk.row_losses_and_dS(S, lo, hi, own, spec, compute_grad)
 
-    @staticmethod
-    def _keeps_half(spec: LossSpec, *tensors: torch.Tensor) -> bool:
-        """The memory-efficient path on float16 / bfloat16 embeddings of one dtype: rows kept in half."""
-        dt = tensors[0].dtype
-        return (
-            bool(spec.memory_efficient)
-            and dt in (torch.float16, torch.bfloat16)
-            and all(t.dtype == dt for t in tensors)
-        )
+    def rows_dtype(self, *dtypes: torch.dtype) -> torch.dtype:
+        """float16 / bfloat16 embeddings of one dtype keep their dtype (rows kept in half on
+        both paths); anything else is prepared in float32."""
+        if dtypes[0] in _HALF and all(dt == dtypes[0] for dt in dtypes):
+            return dtypes[0]
+        return super().rows_dtype(*dtypes)
+
+    def _keeps_half(self, *tensors: torch.Tensor) -> bool:
+        return self.rows_dtype(*(t.dtype for t in tensors)) in _HALF
 
     def _half_rows(self, X: torch.Tensor, spec: LossSpec) -> Tuple[torch.Tensor, torch.Tensor]:
         """(X contiguous, in its half dtype, float32 norms max(||x||, eps) or empty for "dot")."""
@@ -74,7 +80,7 @@ class TritonBackend(Backend):
         return X, 1.0 / tt.inverse_norms(X)
 
     def prepare(self, E: torch.Tensor, labels: torch.Tensor, spec: LossSpec) -> SquarePrep:
-        if self._keeps_half(spec, E):
+        if self._keeps_half(E):
             # segments and permutation from the default preparation of zero-width rows
             seg = Backend.prepare(self, E[:, :0], labels, spec)
             Xs, denom = self._half_rows(E.index_select(0, seg.perm), spec)
@@ -84,12 +90,33 @@ class TritonBackend(Backend):
     def prepare_reference(
         self, Eq, yq, Er, yr, query_ref_index: Optional[torch.Tensor], spec: LossSpec
     ) -> ReferencePrep:
-        if self._keeps_half(spec, Eq, Er):
+        if self._keeps_half(Eq, Er):
             seg = Backend.prepare_reference(self, Eq[:, :0], yq, Er[:, :0], yr, query_ref_index, spec)
             Xq, denom_q = self._half_rows(Eq, spec)
             Xr, denom_r = self._half_rows(Er.index_select(0, seg.perm_r), spec)
             return ReferencePrep(Xq, denom_q, Xr, seg.perm_r, denom_r, seg.lo, seg.hi, seg.own)
         return super().prepare_reference(Eq, yq, Er, yr, query_ref_index, spec)
+
+    @staticmethod
+    def _inverse(denom: torch.Tensor, spec: LossSpec) -> Optional[torch.Tensor]:
+        """1 / max(||x||, eps) of half rows under cosine (their prepared norms), None for "dot"."""
+        return 1.0 / denom if spec.cosine else None
+
+    def similarity(self, Xq, denom_q, Xr, denom_r, spec: LossSpec) -> torch.Tensor:
+        if Xq.dtype not in _HALF:
+            return super().similarity(Xq, denom_q, Xr, denom_r, spec)
+        iq = self._inverse(denom_q, spec)
+        ir = iq if denom_r is denom_q else self._inverse(denom_r, spec)
+        return tgemm.similarity(Xq, Xr, iq, ir)
+
+    def grad_product(self, G, X, denom, spec: LossSpec, row_scale=None, col_scale=None) -> torch.Tensor:
+        if X.dtype not in _HALF:
+            return super().grad_product(G, X, denom, spec, row_scale, col_scale)
+        # the rows S was formed from are X / denom: the inverse norms join the column scale
+        inv = self._inverse(denom, spec)
+        if inv is not None:
+            col_scale = inv if col_scale is None else col_scale.to(torch.float32) * inv
+        return tgemm.grad_product(G, X, col_scale, row_scale)
 
     def tiled_rows(
         self,
@@ -100,6 +127,7 @@ class TritonBackend(Backend):
         own: torch.Tensor,
         spec: LossSpec,
         compute_grad: bool,
+        r_rows: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         return tt.tiled_rows(Xq, Xr, lo, hi, own, spec, compute_grad)
 

@@ -59,7 +59,9 @@ reported and the rest still runs); ``--skip`` takes their names:
   huge            PNP at B = 65536.
   me_bench        the memory-efficient path (triton) next to dense, PNP Dq, B = 16384,
                   65536, 262144, D = 512, P = 4, float32 and bfloat16: time, peak memory,
-                  dense where it fits, agreement of the two, ratio to the bf16 GEMM floor.
+                  dense where it fits, agreement of the two, ratio to the bf16 GEMM floor;
+                  at this D triton takes strips of rows, and the fused tile kernels are
+                  timed beside them (B <= 65536).
   dense_half      the triton dense path on bfloat16 and float16 embeddings vs float32
                   embeddings of the same values, PNP Dq, B = 16384, D = 512: time, peak
                   memory, float32 / half ratio (target: bf16 >= 3x), loss and grad agreement.
@@ -1019,9 +1021,9 @@ def memory_efficient_table(device, backend, Bs, dtypes, D=512, P=4, quick=False)
     free = torch.cuda.mem_get_info()[0] if cuda else 0
     log(
         "| B | dtype | dense fwd+bwd | memory-efficient fwd+bwd | me / dense time | bf16 GEMM floor | me / floor "
-        "| me vs dense loss, grad rel. err |"
+        "| me vs dense loss, grad rel. err | triton fused tiles fwd+bwd |"
     )
-    log("|---|---|---|---|---|---|---|---|")
+    log("|---|---|---|---|---|---|---|---|---|")
     ok = True
     for B in Bs:
         y = (torch.arange(B) // P)[torch.randperm(B, generator=gen)].to(device)
@@ -1032,6 +1034,15 @@ def memory_efficient_table(device, backend, Bs, dtypes, D=512, P=4, quick=False)
                 return lambda: pnp_loss(E, y, variant="Dq", backend=backend, memory_efficient=me).backward()
 
             me = guarded(lambda: measure(step(True), device, quick, [E]))
+            # the triton stage not chosen by default at this D: the fused tile kernels (D <= 128
+            # takes them anyway), up to B = 65536
+            fused = "-"
+            if backend == "triton" and D > 128 and B <= 65536:
+                os.environ["PNP_KERNELS_TRITON_TILED"] = "fused"
+                try:
+                    fused = guarded(lambda: measure(step(True), device, quick, [E]))
+                finally:
+                    del os.environ["PNP_KERNELS_TRITON_TILED"]
             # dense keeps S and G (8 B^2 bytes) next to the inputs
             fits = (not cuda and B <= 4096) or (cuda and 8 * B * B < 0.8 * free)
             dense = guarded(lambda: measure(step(False), device, quick, [E])) if fits else "does not fit"
@@ -1051,7 +1062,7 @@ def memory_efficient_table(device, backend, Bs, dtypes, D=512, P=4, quick=False)
             name = str(dt).replace("torch.", "")
             log(
                 f"| {B} | {name} | {fmt(dense)} | {fmt(me)} | {ratio(me, dense)} | {floor_ms:.3f} ms | "
-                f"{ratio(me, (floor_ms, None))} | {agree} |"
+                f"{ratio(me, (floor_ms, None))} | {agree} | {fmt(fused)} |"
             )
             ok &= isinstance(me, tuple)
             E = None

@@ -170,6 +170,18 @@ def test_deterministic(backend):
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
 
 
+@pytest.mark.needs_backend("triton")
+@pytest.mark.parametrize("kind", KINDS[:1] + KINDS[-2:], ids=KIND_IDS[:1] + KIND_IDS[-2:])
+def test_triton_strips_stage(kind, monkeypatch):
+    """The Triton backend's stage for wide rows (strips of query rows; forced here, D > 128 takes
+    it on a GPU): the square mode against the oracle, the odd inputs as dense, deterministic."""
+    monkeypatch.setenv("PNP_KERNELS_TRITON_TILED", "strips")
+    test_square("triton", kind, "cosine")
+    test_odd_inputs_as_dense("triton", kind)
+    if kind[0] == "smooth_ap":
+        test_deterministic("triton")
+
+
 @pytest.mark.needs_backend("torch")
 def test_cross_batch_memory_same_as_dense():
     D = 8

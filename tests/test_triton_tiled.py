@@ -17,6 +17,8 @@ Under the interpreter the kernels use 16 x 16 tiles and lane chunks of 4, so the
 shapes cover every loop of the kernels.
 """
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -146,15 +148,16 @@ def test_lanes_beyond_the_state_in_windows(name, monkeypatch):
     assert rel_err(dr_live[kept], ref_dr[kept]) <= TOL32 and torch.all(dr_live[~kept] == 0)
 
 
-def test_no_host_read(monkeypatch):
+@pytest.mark.parametrize("stage", ["fused", "strips"])
+def test_no_host_read(stage, monkeypatch):
     """Forward and backward never read a device value on the host (what would synchronise on
     a GPU): every way a tensor reaches a Python value raises inside the two calls."""
-    tt = _tt()
+    stage_module = _tt() if stage == "fused" else _ts()
     spec = dict(SPECS)["recall_at_k"]
     Xq, Xr, lo, hi, own, g = _problem(500)
     args = _to_dev(Xq.float(), Xr.float(), lo, hi, own)
-    block_p = tt.config().block_p
-    monkeypatch.setattr(tt, "MIN_LANES", block_p)  # windows too
+    block_p = _tt().config().block_p
+    monkeypatch.setattr(_tt(), "MIN_LANES", block_p)  # the fused stage's windows too
 
     def host_read(*_a, **_k):
         raise AssertionError("a device value was read on the host")
@@ -164,8 +167,8 @@ def test_no_host_read(monkeypatch):
             m.setattr(torch.Tensor, attr, host_read)
         with pytest.raises(AssertionError, match="read on the host"):  # the probe itself works
             int(args[3].max())
-        loss, state = tt.tiled_rows(*args, spec, True)
-        dq, dr = tt.tiled_grads(*args, state, g.float().to(DEV), spec, True, True)
+        loss, state = stage_module.tiled_rows(*args, spec, True)
+        dq, dr = stage_module.tiled_grads(*args, state, g.float().to(DEV), spec, True, True)
     assert torch.isfinite(loss).all() and torch.isfinite(dq).all() and torch.isfinite(dr).all()
 
 
@@ -233,9 +236,11 @@ def _assert_2x(ours, half_ref, u=UNIT_ROUNDOFF[torch.float16]):
         assert e <= (2 * h + 1e-6 if h == h else fallback), (ours, half_ref)
 
 
+@pytest.mark.parametrize("stage", ["fused", "strips"])
 @pytest.mark.parametrize("similarity", ["cosine", "dot"])
 @pytest.mark.parametrize("name,fn,oracle,opts", HALF_KINDS, ids=[k[0] for k in HALF_KINDS])
-def test_float16_square_within_2x_of_half_reference(name, fn, oracle, opts, similarity):
+def test_float16_square_within_2x_of_half_reference(name, fn, oracle, opts, similarity, stage, monkeypatch):
+    monkeypatch.setenv("PNP_KERNELS_TRITON_TILED", stage)
     gen = make_generator(300 + 7 * [k[0] for k in HALF_KINDS].index(name))
     E = (torch.randn(20, 8, generator=gen) / (1.0 if similarity == "cosine" else 8**0.5)).half()
     y = torch.randint(0, 4, (20,), generator=gen) * 5 - 3
@@ -243,7 +248,9 @@ def test_float16_square_within_2x_of_half_reference(name, fn, oracle, opts, simi
     _assert_2x(ours, half_ref)
 
 
-def test_float16_reference_set_within_2x_of_half_reference():
+@pytest.mark.parametrize("stage", ["fused", "strips"])
+def test_float16_reference_set_within_2x_of_half_reference(stage, monkeypatch):
+    monkeypatch.setenv("PNP_KERNELS_TRITON_TILED", stage)
     gen = make_generator(310)
     Er = torch.randn(23, 8, generator=gen).half()
     yr = torch.randint(0, 3, (23,), generator=gen)
@@ -335,3 +342,86 @@ def test_square_batch_with_a_class_beyond_the_state(name, fn, oracle, opts, monk
         lambda x: fn(x, y.to(DEV), backend="triton", memory_efficient=True, **kw).cpu(), E.float().to(DEV), w
     )
     assert rel_err(out, ref) <= TOL32 and rel_err(grad.cpu(), ref_g) <= TOL32
+
+
+# ---- strips of rows (triton_strips): the stage for rows wider than a fused backward program ----
+
+
+def _ts():
+    from pnp_kernels.backends import triton_strips
+
+    return triton_strips
+
+
+STRIP_SPECS = ["pnp-Dq", "smooth_ap", "recall_at_k"]
+
+
+@pytest.mark.parametrize("name", STRIP_SPECS)
+@pytest.mark.parametrize("mean", [True, False])
+def test_strips_match_float64_oracle(name, mean):
+    """Strips of 2 rows (10 strips): the loss, the forward-finished gradient ("mean": scaled by an
+    expanded weight), the recomputed one (any weights), and dXr of selected rows only."""
+    ts = _ts()
+    spec = dataclasses.replace(dict(SPECS)[name], mean=mean)
+    Xq, Xr, lo, hi, own, g = _problem(600 + STRIP_SPECS.index(name))
+    Q, M = Xq.shape[0], Xr.shape[0]
+    assert ts.strip_rows(Q, M) == 2
+    xq, xr, lo_d, hi_d, own_d, g_d = _to_dev(Xq.float(), Xr.float(), lo, hi, own, g.float())
+    ref_loss, ref_dq, ref_dr = _oracle(Xq, Xr, lo, hi, own, g, spec)
+    loss, state = ts.tiled_rows(xq, xr, lo_d, hi_d, own_d, spec, True)
+    assert rel_err(loss, ref_loss) <= TOL32
+    assert state.shape == ((Q + M, Xq.shape[1]) if mean else (0, Xq.shape[1]))
+    dq, dr = ts.tiled_grads(xq, xr, lo_d, hi_d, own_d, state, g_d, spec, True, True)
+    assert rel_err(dq, ref_dq) <= TOL32 and rel_err(dr, ref_dr) <= TOL32
+    ones = torch.ones(1, dtype=torch.float64).expand(Q)
+    _, unit_dq, unit_dr = _oracle(Xq, Xr, lo, hi, own, ones, spec)
+    dq1, dr1 = ts.tiled_grads(xq, xr, lo_d, hi_d, own_d, state, g_d.new_ones(1).expand(Q), spec, True, True)
+    assert rel_err(dq1, unit_dq) <= TOL32 and rel_err(dr1, unit_dr) <= TOL32
+    rows = torch.tensor([30, 2, 11])
+    _, state_r = ts.tiled_rows(xq, xr, lo_d, hi_d, own_d, spec, True, rows.to(DEV))
+    for w, ref in ((g_d, ref_dr), (g_d.new_ones(1).expand(Q), unit_dr)):
+        dq_r, dr_r = ts.tiled_grads(xq, xr, lo_d, hi_d, own_d, state_r, w, spec, False, True, rows.to(DEV))
+        kept = torch.zeros(M, dtype=torch.bool)
+        kept[rows] = True
+        assert dq_r is None and rel_err(dr_r[kept], ref[kept]) <= TOL32 and torch.all(dr_r[~kept] == 0)
+
+
+def test_strips_chosen_for_wide_rows(monkeypatch):
+    """Strips when the fused backward would split D; the variable names the stage; anything else is
+    an error naming it. A strips state and a fused state go back to their own backward."""
+    ts, tt = _ts(), _tt()
+    block_do = tt.config().block_do
+    monkeypatch.delenv("PNP_KERNELS_TRITON_TILED", raising=False)
+    assert not ts.use_strips(block_do) and ts.use_strips(block_do + 1)
+    monkeypatch.setenv("PNP_KERNELS_TRITON_TILED", "strips")
+    assert ts.use_strips(8)
+    monkeypatch.setenv("PNP_KERNELS_TRITON_TILED", "fused")
+    assert not ts.use_strips(4096)
+    monkeypatch.setenv("PNP_KERNELS_TRITON_TILED", "yes")
+    with pytest.raises(ValueError, match="PNP_KERNELS_TRITON_TILED"):
+        ts.use_strips(8)
+
+
+def test_strips_match_the_fused_stage_end_to_end(monkeypatch):
+    """The public API on either stage, a reference set with query_ref_index and "none": the same
+    loss and gradient."""
+    gen = make_generator(88)
+    y = torch.arange(20) % 6
+    E = torch.randn(20, 8, generator=gen)
+    R = torch.randn(13, 8, generator=gen)
+    yr = torch.arange(13) % 6
+    qri = torch.tensor([3, -1, 7] + [-1] * 17)
+    w = torch.rand(20, generator=gen)
+
+    def step(stage):
+        monkeypatch.setenv("PNP_KERNELS_TRITON_TILED", stage)
+        x = E.to(DEV).requires_grad_(True)
+        loss = pnp_kernels.recall_at_k_loss(
+            x, y.to(DEV), R.to(DEV), yr.to(DEV), query_ref_index=qri.to(DEV), k=(1, 2), temperature=0.25,
+            reduction="none", backend="triton", memory_efficient=True,
+        )  # fmt: skip
+        torch.autograd.backward(loss, w.to(DEV))
+        return loss.detach(), x.grad
+
+    fused, strips = step("fused"), step("strips")
+    assert rel_err(strips[0], fused[0]) <= TOL32 and rel_err(strips[1], fused[1]) <= TOL32

@@ -15,7 +15,9 @@ half values with float32 accumulation and rescale by the inverse norms, and
 products are the kernels of ``triton_gemm`` (S = Xq Xr^T; G X, G never rounded to one
 half or TF32 term). The memory-efficient path (``tiled_rows`` /
 ``tiled_grads``) runs the fused kernels of ``triton_tiled``, sync-free too (its state is
-sized from the shapes; lanes beyond it are recomputed in the backward).
+sized from the shapes; lanes beyond it are recomputed in the backward), or, for rows wider
+than a fused backward program takes (D > 128 on a GPU), strips of query rows through the
+dense row kernel and the GEMMs of ``triton_gemm`` (``triton_strips``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 from ..spec import LossSpec, ReferencePrep, SquarePrep
 from . import triton_gemm as tgemm
 from . import triton_kernels as tk
+from . import triton_strips as ts
 from . import triton_tiled as tt
 from .base import Backend
 
@@ -129,6 +132,10 @@ class TritonBackend(Backend):
         compute_grad: bool,
         r_rows: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Fused tiles (``triton_tiled``), or strips of rows for rows wider than a fused backward
+        program takes (``triton_strips.use_strips``)."""
+        if ts.use_strips(Xq.shape[1]):
+            return ts.tiled_rows(Xq, Xr, lo, hi, own, spec, compute_grad, r_rows)
         return tt.tiled_rows(Xq, Xr, lo, hi, own, spec, compute_grad)
 
     def tiled_grads(
@@ -145,6 +152,9 @@ class TritonBackend(Backend):
         need_r: bool,
         r_rows: Optional[torch.Tensor] = None,
     ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """From the state of :meth:`tiled_rows`: (Q, lanes, 4) of the fused kernels, 2-D of the strips."""
+        if state.dim() == 2:
+            return ts.tiled_grads(Xq, Xr, lo, hi, own, state, g, spec, need_q, need_r, r_rows)
         return tt.tiled_grads(Xq, Xr, lo, hi, own, state, g, spec, need_q, need_r, r_rows)
 
     def reduce(self, row_loss, lo, hi, perm, spec: LossSpec):

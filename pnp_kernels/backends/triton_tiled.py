@@ -24,7 +24,8 @@ forward (``_tiled_fwd_kernel``, one program per block of BLOCK_M rows). Lanes ar
     (``lane_capacity``: at least 64 lanes, more while the state stays within 64 MiB and
     Q * M / 8 numbers).
 row sweep (``_tiled_bwd_rows_kernel``, one program per row block and slice of D; D wider
-    than ``TiledConfig.block_do`` is split over programs that each recompute their tiles):
+    than ``TiledConfig.block_do`` is split over programs that each recompute their tiles, so
+    the backend takes ``triton_strips`` for such rows):
     per column tile, S recomputed and the G tile formed in registers,
         G_pk = (1/tau) sum_t w_tk sigma'(z_tk) - [k = j_t] T_t,
     w = a_t on the negatives, b_t on the segment's other columns (Recall@k: c_t on every

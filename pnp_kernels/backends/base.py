@@ -136,6 +136,26 @@ class Backend:
         be left 0 (a memory bank's rows are detached)."""
         return tiled.tiled_grads(Xq, Xr, lo, hi, own, state, g, spec, need_q, need_r, r_rows)
 
+    @staticmethod
+    def finished_grads(
+        state: Tensor, g: Tensor, Q: int, M: int, need_q: bool, need_r: bool, r_rows: Optional[Tensor] = None
+    ) -> Optional[Tuple[Optional[Tensor], Optional[Tensor]]]:
+        """(dXq, dXr) from a state that holds the gradient finished in the forward with unit row
+        weights, [G Xr; G^T Xq] ((Q + M, D), or (Q + r, D) with only the rows ``r_rows`` of G^T Xq),
+        when the row weights g are provably equal (an expanded scalar, as :meth:`row_weights` makes
+        for "mean": read from the strides, never from the values). None otherwise: the caller
+        recomputes. dXr is (M, D), 0 outside ``r_rows``."""
+        n_r = M if r_rows is None else r_rows.shape[0]
+        if state.dim() != 2 or state.shape[0] != Q + n_r or not (Q <= 1 or g.stride(0) == 0):
+            return None
+        w = g.to(state.dtype).expand(Q)[:1, None]
+        dXq = state[:Q] * w if need_q else None
+        dXr = None
+        if need_r:
+            part = state[Q:] * w if Q else torch.zeros_like(state[Q:])
+            dXr = part if r_rows is None else part.new_zeros(M, part.shape[1]).index_copy_(0, r_rows, part)
+        return dXq, dXr
+
     # ---- shared stages ----------------------------------------------------------------
 
     @staticmethod

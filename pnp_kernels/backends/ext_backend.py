@@ -135,19 +135,10 @@ class ExtBackend(Backend):
         ``Backend.row_weights`` makes for "mean"; checked from the strides, without reading
         a device value), else recomputed strip by strip with the weights g. ``r_rows`` must be
         what the forward had."""
-        Q, M = Xq.shape[0], Xr.shape[0]
-        equal = Q <= 1 or g.stride(0) == 0  # before the cast, which may copy the expanded view
+        finished = self.finished_grads(state, g, Xq.shape[0], Xr.shape[0], need_q, need_r, r_rows)
+        if finished is not None:
+            return finished
         g = g.to(Xq.dtype)
-        if state.dim() == 2 and equal:
-            dXq = state[:Q] * g[:, None] if need_q else None
-            dXr = None
-            if need_r:
-                part = state[Q:] * g[:1, None] if Q else torch.zeros_like(state[Q:])
-                if r_rows is None:
-                    dXr = part
-                else:  # the rows the forward finished, in the order of r_rows
-                    dXr = part.new_zeros(M, part.shape[1]).index_copy_(0, r_rows, part)
-            return dXq, dXr
         args = self._tiled_args(Xq, Xr, lo, hi, own, spec)
         dXq, dXr = ext_build.ops().tiled_grads(
             *args[:5], g.to(Xq.device).contiguous(), r_rows, *args[5:], need_q, need_r, 0

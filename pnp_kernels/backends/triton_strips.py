@@ -37,6 +37,7 @@ from ..spec import LossSpec
 from . import triton_gemm as tgemm
 from . import triton_kernels as tk
 from . import triton_tiled as tt
+from .base import Backend
 
 __all__ = ["STRIP_ELEMS", "strip_rows", "tiled_grads", "tiled_rows", "use_strips"]
 
@@ -180,15 +181,10 @@ def tiled_grads(
     Q, D = Xq.shape
     M = Xr.shape[0]
     dev = Xq.device
-    equal = Q <= 1 or g.stride(0) == 0  # before the cast, which may copy an expanded view
+    finished = Backend.finished_grads(state, g, Q, M, need_q, need_r, r_rows)
+    if finished is not None:
+        return finished
     g = g.to(torch.float32).expand(Q)
-    if state.dim() == 2 and state.shape[0] > 0 and equal:
-        dXq = state[:Q] * g[:1, None] if need_q else None
-        dXr = None
-        if need_r:
-            part = state[Q:] * g[:1, None]
-            dXr = part if r_rows is None else part.new_zeros(M, D).index_copy_(0, r_rows, part)
-        return dXq, dXr
     dXq = torch.empty(Q, D, dtype=torch.float32, device=dev) if need_q else None
     n_r = M if r_rows is None else r_rows.shape[0]
     acc = torch.zeros(n_r, D, dtype=torch.float32, device=dev) if need_r else None
